@@ -1,0 +1,233 @@
+"""Connection budgets and the Bayesian connectivity sampler (Langevin noise + rewiring).
+
+The sampler runs *after* the optimizer step, inside the compiled training step:
+
+1. entries that were dormant before the step are held at exactly θ = 0 (their gradient is zero and their
+   optimizer slots are zero, so this only guards against weight decay / round-off);
+2. Langevin noise sqrt(2·η_t·T)·N(0, 1) is added to the entries that were active (BCS only);
+3. entries that crossed to θ ≤ 0 die: θ = 0 and every optimizer slot of the entry is reset to 0;
+4. rewiring: per budget group, ``budget − active`` dormant entries, chosen uniformly without replacement
+   among all dormant entries of the group, are re-activated with θ = 1e-12 (signs kept, slots already 0).
+
+So after every step the number of active entries equals the budget exactly. With ``rewire=False`` (the
+random-static baseline) the mask never changes: an active entry whose θ crosses zero flips its sign γ
+together with θ and its slots instead of dying, which is exactly SGD on an unconstrained masked weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from bcs_tf.errors import ConfigError
+from bcs_tf.layers import sparse_layers
+
+BUDGET_MODES = ("global", "layer")
+REGROW_VALUE = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """Initial active count per layer and the budget groups whose counts the sampler keeps fixed."""
+
+    counts: tuple
+    groups: tuple  # tuple of tuples of layer indices
+    budgets: tuple  # one budget per group
+
+    def to_dict(self):
+        """JSON-friendly form."""
+        return {"counts": list(self.counts), "groups": [list(g) for g in self.groups], "budgets": list(self.budgets)}
+
+
+def _scale_to_total(sizes, fractions, total):
+    """Integer counts ∝ fractions·sizes, each ≤ its size and ≥ 1, summing exactly to ``total``."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    raw = np.asarray(fractions, dtype=np.float64) * sizes
+    if total > sizes.sum():
+        raise ConfigError(f"budget {total} exceeds the {sizes.sum()} prunable entries")
+    lo, hi = 0.0, 1.0
+    while np.minimum(sizes, hi * raw).sum() < total:
+        hi *= 2.0
+    for _ in range(200):  # bisection on the common scale factor; caps make the sum piecewise linear
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.minimum(sizes, mid * raw).sum() < total else (lo, mid)
+    target = np.minimum(sizes, hi * raw)
+    counts = np.minimum(np.floor(target).astype(np.int64), sizes)
+    counts = np.maximum(counts, np.minimum(1, total // len(sizes)))
+    # Largest remainder: hand out (or take back) the rounding difference one entry at a time.
+    order = np.argsort(-(target - np.floor(target)), kind="stable")
+    i = 0
+    while counts.sum() != total:
+        j = order[i % len(order)]
+        if counts.sum() < total and counts[j] < sizes[j]:
+            counts[j] += 1
+        elif counts.sum() > total and counts[j] > 1:
+            counts[j] -= 1
+        i += 1
+    return counts
+
+
+def allocate_budget(sizes, connectivity, mode="global", profile=None):
+    """Exact connection budgets for layers with ``sizes`` prunable entries at connectivity ``c``.
+
+    ``mode="global"`` (the authors' choice): one budget int(c·Σ sizes) shared by all layers; the initial
+    per-layer counts follow ``profile`` (initial per-layer fractions, e.g. denser first and last layers),
+    scaled by a common factor so that they already sum to the budget. ``mode="layer"``: every layer keeps
+    exactly round(c·n_l) (at least 1) on its own.
+    """
+    if not (0.0 < connectivity <= 1.0):
+        raise ConfigError(f"connectivity must be in (0, 1]. Received: connectivity={connectivity}")
+    if mode not in BUDGET_MODES:
+        raise ConfigError(f"budget must be one of {BUDGET_MODES}. Received: budget={mode!r}")
+    sizes = [int(n) for n in sizes]
+    if mode == "layer":
+        counts = tuple(max(1, int(round(connectivity * n))) for n in sizes)
+        return Allocation(counts, tuple((i,) for i in range(len(sizes))), counts)
+    total = max(len(sizes), int(connectivity * sum(sizes)))
+    profile = [connectivity] * len(sizes) if profile is None else list(profile)
+    if len(profile) != len(sizes):
+        raise ConfigError(f"profile has {len(profile)} entries for {len(sizes)} sparse layers")
+    counts = tuple(int(c) for c in _scale_to_total(sizes, profile, total))
+    return Allocation(counts, (tuple(range(len(sizes))),), (total,))
+
+
+def configure_connectivity(model, connectivity, mode="global", profile=None, seed=0):
+    """Re-initialise every sparse layer of ``model`` with its exact initial count; returns the Allocation."""
+    layers = sparse_layers(model)
+    if not layers:
+        raise ConfigError("the model has no sparse layers (built with method=dense or connectivity=1?)")
+    alloc = allocate_budget([l.kernel_size_total for l in layers], connectivity, mode, profile)
+    for i, (layer, n) in enumerate(zip(layers, alloc.counts)):
+        layer.reset_connectivity(n, seed=seed * 1000 + i)
+    return alloc
+
+
+def optimizer_slots(optimizer, variable):
+    """Every slot variable (momentum, velocity, …) the Keras 3 ``optimizer`` keeps for ``variable``.
+
+    Keras 3 optimizers keep per-variable slots in lists aligned with their trainable variables; we find
+    those lists generically so any optimizer (SGD, Adam, …) has its slots reset on death and regrowth.
+    """
+    if not optimizer.built:
+        raise RuntimeError("build the optimizer before resolving its slots")
+    index = optimizer._get_variable_index(variable)
+    n = len(optimizer._trainable_variables)
+    slots = []
+    for value in vars(optimizer).values():
+        if (isinstance(value, list) and len(value) == n and value
+                and all(isinstance(v, keras.Variable) for v in value)
+                and not any(v is t for v, t in zip(value, optimizer._trainable_variables))):
+            slot = value[index]
+            if tuple(slot.shape) == tuple(variable.shape):
+                slots.append(slot)
+    return slots
+
+
+class ConnectivitySampler:
+    """Keeps the active-connection count of each budget group fixed; runs inside ``tf.function``.
+
+    Args:
+        layers: the sparse layers (see :func:`bcs_tf.layers.sparse_layers`).
+        allocation: groups and budgets from :func:`allocate_budget`.
+        temperature: Langevin temperature T; the noise on active θ is sqrt(2·η_t·T)·N(0, 1).
+            The authors' ``noise_scaling`` σ (noise η_t·σ·N(0,1)) equals T = η_0·σ²/2 at the initial rate.
+        rewire: True for BCS; False keeps the initial random mask fixed (random-static baseline).
+        seed: int seed of the sampler's random stream (a Keras SeedGenerator, saved with the weights).
+    """
+
+    def __init__(self, layers, allocation, temperature=0.0, rewire=True, seed=0, seed_generator=None):
+        if temperature < 0:
+            raise ConfigError(f"temperature must be ≥ 0. Received: temperature={temperature}")
+        self.layers = list(layers)
+        self.allocation = allocation
+        self.temperature = float(temperature)
+        self.rewire = bool(rewire)
+        self.seed_generator = seed_generator or keras.random.SeedGenerator(seed)
+        self._slots = None
+
+    def bind_optimizer(self, optimizer):
+        """Resolve the optimizer slots of every θ (the optimizer must be built)."""
+        self._slots = [optimizer_slots(optimizer, layer.theta) for layer in self.layers]
+
+    def active_masks(self):
+        """Boolean masks of the active entries, one per layer (call before the optimizer step)."""
+        return [layer.theta.value > 0 for layer in self.layers]
+
+    def after_update(self, active_before, learning_rate):
+        """Apply noise, deaths (or sign flips when static) and rewiring after an optimizer step."""
+        if self._slots is None:
+            raise RuntimeError("call bind_optimizer() before after_update()")
+        lr = tf.cast(learning_rate, tf.float32)
+        noise_std = tf.sqrt(2.0 * lr * self.temperature)
+        for layer, was_active, slots in zip(self.layers, active_before, self._slots):
+            theta = layer.theta.value
+            if self.rewire:
+                if self.temperature > 0:
+                    theta = theta + noise_std * keras.random.normal(tf.shape(theta), seed=self.seed_generator)
+                alive = tf.logical_and(was_active, theta > 0)
+                layer.theta.assign(tf.where(alive, theta, 0.0))
+                for slot in slots:
+                    slot.assign(tf.where(alive, slot.value, tf.zeros_like(slot.value)))
+            else:
+                flip = tf.logical_and(was_active, theta <= 0)
+                layer.theta.assign(tf.where(was_active, tf.maximum(tf.abs(theta), REGROW_VALUE), 0.0))
+                layer.sign.assign(tf.where(flip, -layer.sign.value, layer.sign.value))
+                for slot in slots:
+                    slot.assign(tf.where(flip, -slot.value, tf.where(was_active, slot.value, 0.0)))
+        if self.rewire:
+            for group, budget in zip(self.allocation.groups, self.allocation.budgets):
+                self._regrow([self.layers[i] for i in group], budget)
+
+    def _regrow(self, layers, budget):
+        flat = tf.concat([tf.reshape(layer.theta.value, [-1]) for layer in layers], axis=0)
+        missing = budget - tf.math.count_nonzero(flat > 0, dtype=tf.int32)
+
+        def grow():
+            # Uniform scores on dormant entries, −1 on active ones: top-k = k dormant entries drawn
+            # uniformly without replacement (k is dynamic, so this is one top_k, not a Python loop).
+            scores = tf.where(flat > 0, -1.0, keras.random.uniform(tf.shape(flat), seed=self.seed_generator))
+            _, idx = tf.math.top_k(scores, k=missing)
+            grown = tf.tensor_scatter_nd_update(flat, idx[:, None], tf.fill([missing], REGROW_VALUE))
+            offset = 0
+            for layer in layers:
+                n = layer.kernel_size_total
+                layer.theta.assign(tf.reshape(grown[offset:offset + n], layer.theta.shape))
+                offset += n
+            return missing
+
+        tf.cond(missing > 0, grow, lambda: missing)
+
+    def counts(self):
+        """Active count per layer (Python ints, eager)."""
+        return [layer.active_count() for layer in self.layers]
+
+
+def connectivity_report(model):
+    """Per-layer and global measured connectivity of ``model``'s sparse layers (a JSON-friendly dict)."""
+    layers = sparse_layers(model)
+    per_layer = {}
+    active_total, size_total = 0, 0
+    for layer in layers:
+        a, n = layer.active_count(), layer.kernel_size_total
+        per_layer[layer.name] = {"active": a, "size": n, "connectivity": a / n}
+        active_total, size_total = active_total + a, size_total + n
+    return {
+        "layers": per_layer,
+        "active": active_total,
+        "size": size_total,
+        "connectivity": active_total / size_total if size_total else 1.0,
+    }
+
+
+def temperature_from_sigma(sigma, learning_rate):
+    """Temperature T whose SGLD noise sqrt(2ηT) equals the authors' η·σ at learning rate η."""
+    return learning_rate * sigma ** 2 / 2.0
+
+
+def sigma_from_temperature(temperature, learning_rate):
+    """Inverse of :func:`temperature_from_sigma`."""
+    return math.sqrt(2.0 * temperature / learning_rate) if learning_rate > 0 else 0.0

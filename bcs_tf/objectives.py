@@ -1,0 +1,92 @@
+"""Robust training objectives as pure functions of a model function and a batch.
+
+Each objective has two parts:
+
+- ``adversarial(predict, x, y, attack, seed)``: the inputs it trains on, crafted with ``predict`` (the model in
+  inference mode, BatchNorm statistics frozen, as the authors do);
+- ``loss(forward, x, y, x_adv)``: the scalar loss with ``forward`` (the model in training mode), plus the
+  clean and adversarial logits when computed (for metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from bcs_tf.attacks import cross_entropy, pgd
+from bcs_tf.errors import ConfigError
+
+
+def kl_divergence(logits_p, logits_q):
+    """Per-example KL(softmax(p) ‖ softmax(q)), summed over classes."""
+    log_p = tf.nn.log_softmax(logits_p)
+    log_q = tf.nn.log_softmax(logits_q)
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Natural:
+    """Standard (non-robust) training on clean inputs."""
+
+    name = "natural"
+
+    def adversarial(self, predict, x, y, attack, seed=None):
+        return None
+
+    def loss(self, forward, x, y, x_adv):
+        logits = forward(x)
+        return tf.reduce_mean(cross_entropy(logits, y)), logits, None
+
+
+@dataclasses.dataclass(frozen=True)
+class MadryAT:
+    """PGD adversarial training (Madry et al. 2018): cross-entropy on PGD examples with random start."""
+
+    name = "at"
+
+    def adversarial(self, predict, x, y, attack, seed=None):
+        return pgd(predict, x, y, attack.eps, attack.step_size, attack.steps, norm=attack.norm, rand_init=True,
+                   clip_min=attack.clip_min, clip_max=attack.clip_max, seed=seed)
+
+    def loss(self, forward, x, y, x_adv):
+        logits_adv = forward(x_adv)
+        return tf.reduce_mean(cross_entropy(logits_adv, y)), None, logits_adv
+
+
+@dataclasses.dataclass(frozen=True)
+class Trades:
+    """TRADES (Zhang et al. 2019): CE(x) + β·KL(p(x) ‖ p(x_adv)), x_adv maximising the KL term."""
+
+    beta: float = 6.0
+    name = "trades"
+
+    def __post_init__(self):
+        if self.beta < 0:
+            raise ConfigError(f"beta must be ≥ 0. Received: beta={self.beta}")
+
+    def adversarial(self, predict, x, y, attack, seed=None):
+        logits_nat = tf.stop_gradient(predict(x))
+        start = x + 0.001 * keras.random.normal(tf.shape(x), seed=seed)
+        return pgd(predict, x, y, attack.eps, attack.step_size, attack.steps, norm=attack.norm, init=start,
+                   clip_min=attack.clip_min, clip_max=attack.clip_max,
+                   loss_fn=lambda xa: kl_divergence(logits_nat, predict(xa)))
+
+    def loss(self, forward, x, y, x_adv):
+        logits_nat = forward(x)
+        logits_adv = forward(x_adv)
+        natural = tf.reduce_mean(cross_entropy(logits_nat, y))
+        robust = tf.reduce_mean(kl_divergence(logits_nat, logits_adv))
+        return natural + self.beta * robust, logits_nat, logits_adv
+
+
+OBJECTIVES = {"natural": Natural, "at": MadryAT, "trades": Trades}
+
+
+def make_objective(name, beta=6.0):
+    """Objective instance by name (``natural``, ``at``, ``trades``)."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective; choose one of {sorted(OBJECTIVES)}. Received: objective={name!r}")
+    cls = OBJECTIVES[name]
+    return cls(beta=beta) if "beta" in {f.name for f in dataclasses.fields(cls)} else cls()

@@ -1,0 +1,110 @@
+"""One frozen, validated configuration per run; the CLI maps 1:1 onto it and it is saved beside the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from bcs_tf.attacks import AttackConfig
+from bcs_tf.connectivity import BUDGET_MODES, temperature_from_sigma
+from bcs_tf.data import DATASETS
+from bcs_tf.errors import ConfigError
+from bcs_tf.models import METHODS, MODELS
+from bcs_tf.objectives import OBJECTIVES
+
+AUTHORS_NOISE_SIGMA = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a training run (field names are the CLI flags with dashes as underscores)."""
+
+    objective: str = "trades"
+    method: str = "bcs"
+    connectivity: float = 0.01
+    budget: str = "global"
+    dataset: str = "fashion_mnist"
+    data_dir: typing.Optional[str] = None
+    model: str = "small_cnn"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 0.1
+    attack_steps: int = 10
+    attack_step_size: typing.Optional[float] = None  # default 2.5·eps/steps (authors: 2/255 for 8/255, 10 steps)
+    beta: float = 6.0
+    alpha: float = 0.0
+    temperature: typing.Optional[float] = None  # default: the authors' sigma=1e-6 at the initial lr
+    seed: int = 0
+    max_steps: typing.Optional[int] = None
+    val_split: int = 5000
+    eval_steps: int = 20
+    eval_restarts: int = 1
+    select_by: str = "robust"
+    out: str = "runs/default"
+
+    def __post_init__(self):
+        def bad(flag, why):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
+
+        choices = {"objective": sorted(OBJECTIVES), "method": METHODS, "budget": BUDGET_MODES,
+                   "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean")}
+        for flag, allowed in choices.items():
+            if getattr(self, flag) not in allowed:
+                bad(flag, f"must be one of {', '.join(allowed)}")
+        if not 0.0 < self.connectivity <= 1.0:
+            bad("connectivity", "must be in (0, 1] (1 = dense)")
+        for flag in ("epochs", "batch_size"):
+            if getattr(self, flag) < 1:
+                bad(flag, "must be ≥ 1")
+        for flag in ("lr", "weight_decay", "eps", "beta", "alpha", "attack_steps", "eval_steps", "val_split"):
+            if getattr(self, flag) < 0:
+                bad(flag, "must be ≥ 0")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("momentum", "must be in [0, 1)")
+        if self.attack_step_size is not None and self.attack_step_size < 0:
+            bad("attack_step_size", "must be ≥ 0")
+        if self.temperature is not None and self.temperature < 0:
+            bad("temperature", "must be ≥ 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", "must be ≥ 1")
+        if self.eval_restarts < 1:
+            bad("eval_restarts", "must be ≥ 1")
+        if self.objective != "natural" and self.attack_steps < 1:
+            bad("attack_steps", f"objective {self.objective} needs at least one attack step")
+
+    @property
+    def sparse(self):
+        """Whether the network uses sparse layers (method bcs/random with connectivity < 1)."""
+        return self.method != "dense" and self.connectivity < 1.0
+
+    @property
+    def step_size(self):
+        """Effective attack step size."""
+        if self.attack_step_size is not None:
+            return self.attack_step_size
+        return 2.5 * self.eps / max(self.attack_steps, 1)
+
+    @property
+    def effective_temperature(self):
+        """Langevin temperature T (the authors' σ = 1e-6 mapped at the initial learning rate by default)."""
+        if self.temperature is not None:
+            return self.temperature
+        return temperature_from_sigma(AUTHORS_NOISE_SIGMA, self.lr)
+
+    def attack(self):
+        """The training attack."""
+        return AttackConfig(eps=self.eps, step_size=self.step_size, steps=self.attack_steps)
+
+    def to_dict(self):
+        """JSON-friendly dict including derived values."""
+        return {**dataclasses.asdict(self), "effective_attack_step_size": self.step_size,
+                "effective_temperature": self.effective_temperature}
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
