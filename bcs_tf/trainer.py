@@ -73,7 +73,7 @@ class RobustTrainer(keras.Model):
         return self.net(x, training=True)
 
     def train_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         x_adv = self.objective.adversarial(self._predict, x, y, self.attack, seed=self.attack_seed)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
@@ -98,7 +98,7 @@ class RobustTrainer(keras.Model):
         return logs
 
     def test_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         logits = self._predict(x)
         self.clean_acc.update_state(y, logits)
         a = self.eval_attack

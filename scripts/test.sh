@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install, then run the test suite (a few minutes on 2 CPU cores). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH=.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests "$@"

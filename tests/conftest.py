@@ -1,0 +1,30 @@
+"""Shared fixtures: quiet TensorFlow, deterministic seeds, tiny models."""
+
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", category=UserWarning)
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+from bcs_tf.layers import SparseConv2D, SparseDense  # noqa: E402
+
+
+def tiny_sparse_net(connectivity=0.2, seed=0, input_shape=(8, 8, 1), num_classes=4):
+    """A two-layer sparse network small enough for hundreds of steps in a test."""
+    inputs = keras.Input(input_shape)
+    x = SparseConv2D(4, 3, strides=2, connectivity=connectivity, seed=seed, name="c1")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Flatten()(x)
+    outputs = SparseDense(num_classes, connectivity=connectivity, seed=seed + 1, name="d1")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from bcs_tf.connectivity import allocate_budget, connectivity_report
+from bcs_tf.errors import ConfigError
+from bcs_tf.models import build_model
+
+
+def test_global_budget_counts_sum_exactly_and_keep_the_profile_shape():
+    sizes = [144, 4608, 18432, 401408, 1280]
+    alloc = allocate_budget(sizes, 0.01, "global", profile=[0.6, 0.2, 0.005, 0.005, 0.6])
+    assert alloc.budgets == (int(0.01 * sum(sizes)),)
+    assert sum(alloc.counts) == alloc.budgets[0]
+    frac = np.array(alloc.counts) / np.array(sizes)
+    assert frac[0] > frac[1] > frac[3] and frac[4] > frac[3]
+    assert all(1 <= c <= n for c, n in zip(alloc.counts, sizes))
+
+
+def test_global_budget_with_saturated_layers():
+    alloc = allocate_budget([10, 1000], 0.5, "global", profile=[1.0, 0.01])
+    assert alloc.counts[0] == 10 and sum(alloc.counts) == 505
+
+
+def test_layer_budget_is_round_c_n_per_layer():
+    alloc = allocate_budget([100, 37, 5], 0.1, "layer")
+    assert alloc.counts == (10, 4, 1) and alloc.budgets == alloc.counts and len(alloc.groups) == 3
+
+
+@pytest.mark.parametrize("c", [0.0, 1.01, -1])
+def test_bad_connectivity(c):
+    with pytest.raises(ConfigError, match="connectivity"):
+        allocate_budget([10], c)
+
+
+@pytest.mark.parametrize("budget", ["global", "layer"])
+def test_small_cnn_starts_exactly_at_budget(budget):
+    net, alloc = build_model("small_cnn", "bcs", 0.01, budget)
+    report = connectivity_report(net)
+    assert [v["active"] for v in report["layers"].values()] == list(alloc.counts)
+    assert report["active"] == sum(alloc.budgets)
+
+
+def test_dense_method_and_full_connectivity_give_plain_keras_layers():
+    for method, c in (("dense", 0.01), ("bcs", 1.0)):
+        net, alloc = build_model("small_cnn", method, c)
+        assert alloc is None and connectivity_report(net)["layers"] == {}

@@ -1,0 +1,87 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from training.run import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
+        "--batch-size", "128", "--verbose", "0"]
+
+
+@pytest.mark.parametrize("flags,name", [
+    (["--connectivity", "0"], "--connectivity"),
+    (["--connectivity", "1.5"], "--connectivity"),
+    (["--objective", "madry"], "--objective"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--eps", "-0.1"], "--eps"),
+    (["--budget", "both"], "--budget"),
+    (["--method", "hydra"], "--method"),
+])
+def test_bad_flags_give_a_one_line_error_naming_the_flag(tmp_path, capsys, flags, name):
+    assert main(flags + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and name in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("precious")
+    assert main(FAST + ["--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "precious"
+
+
+def test_smoke_run_writes_a_loadable_model_and_metrics_then_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(FAST + ["--epochs", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_pgd2_acc"] <= metrics["test_clean_acc"] <= 1.0
+    conn = metrics["connectivity"]
+    assert conn["active"] == metrics["allocation"]["budgets"][0]
+    assert abs(conn["connectivity"] - 0.01) < 1e-3
+    assert metrics["config"]["objective"] == "trades" and metrics["wall_seconds"] > 0
+    assert (out / "logs").is_dir() and (out / "checkpoint" / "state.json").is_file()
+
+    probe = (
+        "import sys, numpy as np, keras, bcs_tf\n"
+        f"m = keras.models.load_model({str(out / 'model.keras')!r})\n"
+        "x = np.random.default_rng(0).uniform(size=(2, 28, 28, 1)).astype('float32')\n"
+        "np.save(sys.argv[1], np.asarray(m(x)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    res = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "y.npy")], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert np.load(tmp_path / "y.npy").shape == (2, 10)
+
+    # Resume to a second epoch: history continues, nothing restarts from scratch.
+    assert main(FAST + ["--epochs", "2", "--out", str(out), "--resume"]) == 0
+    metrics2 = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics2["history"]] == [1, 2]
+    assert metrics2["steps"] == 2 * metrics["steps"]
+
+    # Resuming with different training flags is refused.
+    assert main(FAST + ["--epochs", "3", "--lr", "0.5", "--out", str(out), "--resume"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(FAST + ["--max-steps", "2", "--out", str(out)]) == 0
+    (out / "checkpoint" / "weights.weights.h5").write_bytes(b"garbage")
+    assert main(FAST + ["--max-steps", "4", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt" in err and "weights.weights.h5" in err
+
+
+def test_max_steps_stops_early(tmp_path):
+    out = tmp_path / "run"
+    assert main(FAST + ["--max-steps", "3", "--method", "random", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3

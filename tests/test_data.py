@@ -1,0 +1,56 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from bcs_tf import data
+from bcs_tf.errors import ConfigError, DataError
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fmnist(directory, n_train=30, n_test=10):
+    rng = np.random.default_rng(0)
+    for key, fname in data.IDX_FILES.items():
+        n = n_train if "train" in key else n_test
+        arr = rng.integers(0, 256, (n, 28, 28)) if key.startswith("x") else rng.integers(0, 10, n)
+        _write_idx(directory / fname, arr)
+
+
+def test_fashion_mnist_from_idx_directory(tmp_path):
+    _fake_fmnist(tmp_path)
+    ds = data.load_dataset("fashion_mnist", val_split=5, data_dir=str(tmp_path))
+    assert ds.x_train.shape == (25, 28, 28, 1) and ds.x_val.shape == (5, 28, 28, 1)
+    assert ds.x_test.shape == (10, 28, 28, 1) and ds.x_train.dtype == np.float32
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0 and ds.source == str(tmp_path)
+
+
+def test_missing_dataset_names_the_places_looked(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (tmp_path / "nowhere",))
+
+    def no_tfds(data_dir):
+        raise DataError("TFDS could not provide fashion_mnist: offline")
+
+    monkeypatch.setattr(data, "_fashion_mnist_from_tfds", no_tfds)
+    with pytest.raises(DataError) as err:
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "mine"))
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message and str(tmp_path / "mine") in message and "TFDS" in message
+
+
+def test_corrupt_idx_file_is_a_data_error(tmp_path):
+    bad = tmp_path / "x.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="cannot read IDX"):
+        data.read_idx(bad)
+
+
+def test_bad_val_split_and_unknown_dataset():
+    with pytest.raises(ConfigError, match="val-split"):
+        data.load_dataset("synthetic", val_split=10_000)
+    with pytest.raises(ConfigError, match="dataset"):
+        data.load_dataset("mnist3d")

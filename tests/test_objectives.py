@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bcs_tf.errors import ConfigError
+from bcs_tf.objectives import kl_divergence, make_objective
+
+NAT = np.array([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]], "float32")
+ADV = np.array([[0.0, 1.0, -1.0], [0.5, 1.5, 0.0]], "float32")
+Y = np.array([0, 2], "int32")
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _ce(z, y):
+    return -np.log(_softmax(z)[np.arange(len(y)), y])
+
+
+def _fixed(table):
+    return lambda x: tf.constant(table[int(x)])
+
+
+def test_kl_matches_hand_computation():
+    p, q = _softmax(NAT), _softmax(ADV)
+    np.testing.assert_allclose(kl_divergence(NAT, ADV), np.sum(p * np.log(p / q), 1), rtol=1e-5)
+
+
+def test_trades_loss_reference():
+    forward = _fixed({0: NAT, 1: ADV})
+    loss, _, _ = make_objective("trades", beta=6.0).loss(forward, 0, Y, 1)
+    p, q = _softmax(NAT), _softmax(ADV)
+    expected = _ce(NAT, Y).mean() + 6.0 * np.sum(p * np.log(p / q), 1).mean()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_at_and_natural_loss_reference():
+    forward = _fixed({0: NAT, 1: ADV})
+    at, _, _ = make_objective("at").loss(forward, 0, Y, 1)
+    nat, _, _ = make_objective("natural").loss(forward, 0, Y, None)
+    np.testing.assert_allclose(float(at), _ce(ADV, Y).mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(nat), _ce(NAT, Y).mean(), rtol=1e-5)
+
+
+def test_unknown_objective_and_bad_beta():
+    with pytest.raises(ConfigError, match="objective"):
+        make_objective("madry")
+    with pytest.raises(ConfigError, match="beta"):
+        make_objective("trades", beta=-1)
+
+
+def test_trades_attack_increases_its_own_kl():
+    import keras
+
+    from bcs_tf.attacks import AttackConfig
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
+    x = tf.constant(np.random.default_rng(0).uniform(size=(32, 6)), tf.float32)
+    y = tf.zeros([32], tf.int32)
+    x_adv = make_objective("trades").adversarial(model, x, y, AttackConfig(0.2, 0.05, 10))
+    noise = x + tf.random.uniform(x.shape, -0.2, 0.2)
+    assert float(tf.reduce_mean(kl_divergence(model(x), model(x_adv)))) > float(
+        tf.reduce_mean(kl_divergence(model(x), model(tf.clip_by_value(noise, 0, 1)))))
