@@ -2,8 +2,8 @@
 
 The sampler runs *after* the optimizer step, inside the compiled training step:
 
-1. entries that were dormant before the step are held at exactly θ = 0 (their gradient is zero and their
-   optimizer slots are zero, so this only guards against weight decay / round-off);
+1. dormant entries need no work: their gradient through max(0, θ) is zero, their optimizer slots are zero
+   and θ = 0 is a fixed point of the update and of weight decay, so they stay exactly 0;
 2. Langevin noise sqrt(2·η_t·T)·N(0, 1) is added to the entries that were active (BCS only);
 3. entries that crossed to θ ≤ 0 die: θ = 0 and every optimizer slot of the entry is reset to 0;
 4. rewiring: per budget group, ``budget − active`` dormant entries, chosen uniformly without replacement
@@ -158,44 +158,68 @@ class ConnectivitySampler:
         return [layer.theta.value > 0 for layer in self.layers]
 
     def after_update(self, active_before, learning_rate):
-        """Apply noise, deaths (or sign flips when static) and rewiring after an optimizer step."""
+        """Apply noise, deaths (or sign flips when static) and rewiring after an optimizer step.
+
+        Work is done in the index space of the previously active entries (≈ c·N of them): only those can
+        change, since dormant entries have zero gradient, zero slots and θ = 0.
+        """
         if self._slots is None:
             raise RuntimeError("call bind_optimizer() before after_update()")
-        lr = tf.cast(learning_rate, tf.float32)
-        noise_std = tf.sqrt(2.0 * lr * self.temperature)
+        noise_std = tf.sqrt(2.0 * tf.cast(learning_rate, tf.float32) * self.temperature)
+        active_counts = []
         for layer, was_active, slots in zip(self.layers, active_before, self._slots):
-            theta = layer.theta.value
-            if self.rewire:
-                if self.temperature > 0:
-                    theta = theta + noise_std * keras.random.normal(tf.shape(theta), seed=self.seed_generator)
-                alive = tf.logical_and(was_active, theta > 0)
-                layer.theta.assign(tf.where(alive, theta, 0.0))
-                for slot in slots:
-                    slot.assign(tf.where(alive, slot.value, tf.zeros_like(slot.value)))
-            else:
-                flip = tf.logical_and(was_active, theta <= 0)
-                layer.theta.assign(tf.where(was_active, tf.maximum(tf.abs(theta), REGROW_VALUE), 0.0))
-                layer.sign.assign(tf.where(flip, -layer.sign.value, layer.sign.value))
-                for slot in slots:
-                    slot.assign(tf.where(flip, -slot.value, tf.where(was_active, slot.value, 0.0)))
+            idx = tf.where(was_active)
+            values = tf.gather_nd(layer.theta.value, idx)
+            if self.rewire and self.temperature > 0:
+                values = values + noise_std * keras.random.normal(tf.shape(values), seed=self.seed_generator)
+            crossed = values <= 0
+            crossed_idx = tf.boolean_mask(idx, crossed)
+            if self.rewire:  # crossing zero = death: θ = 0 and every slot reset
+                new_values = tf.where(crossed, 0.0, values)
+                slot_update = lambda slot: tf.zeros_like(tf.gather_nd(slot, crossed_idx))  # noqa: E731
+                active_counts.append(tf.shape(idx)[0] - tf.math.count_nonzero(crossed, dtype=tf.int32))
+            else:  # static mask: θ and its slots change sign together with γ (unconstrained weight)
+                new_values = tf.maximum(tf.abs(values), REGROW_VALUE)
+                slot_update = lambda slot: -tf.gather_nd(slot, crossed_idx)  # noqa: E731
+                layer.sign.assign(tf.tensor_scatter_nd_update(
+                    layer.sign.value, crossed_idx, -tf.gather_nd(layer.sign.value, crossed_idx)))
+            layer.theta.assign(tf.tensor_scatter_nd_update(layer.theta.value, idx, new_values))
+            for slot in slots:
+                slot.assign(tf.tensor_scatter_nd_update(slot.value, crossed_idx, slot_update(slot.value)))
         if self.rewire:
             for group, budget in zip(self.allocation.groups, self.allocation.budgets):
-                self._regrow([self.layers[i] for i in group], budget)
+                missing = budget - tf.add_n([active_counts[i] for i in group])
+                self._regrow([self.layers[i] for i in group], missing)
 
-    def _regrow(self, layers, budget):
-        flat = tf.concat([tf.reshape(layer.theta.value, [-1]) for layer in layers], axis=0)
-        missing = budget - tf.math.count_nonzero(flat > 0, dtype=tf.int32)
+    def _sample_dormant(self, flat, k):
+        """k distinct dormant (θ = 0) positions of ``flat``, uniformly without replacement.
 
-        def grow():
-            # Uniform scores on dormant entries, −1 on active ones: top-k = k dormant entries drawn
-            # uniformly without replacement (k is dynamic, so this is one top_k, not a Python loop).
+        Draws i.i.d. uniform positions and keeps, in order, each dormant one not kept before: every kept
+        position is uniform over the dormant ones still available. Falls back to one exact top-k over
+        uniform scores when the draws did not yield k of them (dense-ish layers).
+        """
+        n = tf.shape(flat)[0]
+        draws = keras.random.randint([4 * k + 64], 0, n, seed=self.seed_generator, dtype="int32")
+        dormant_draws = tf.boolean_mask(draws, tf.gather(flat, draws) <= 0)
+        candidates, _ = tf.unique(dormant_draws)
+
+        def exact():
             scores = tf.where(flat > 0, -1.0, keras.random.uniform(tf.shape(flat), seed=self.seed_generator))
-            _, idx = tf.math.top_k(scores, k=missing)
-            grown = tf.tensor_scatter_nd_update(flat, idx[:, None], tf.fill([missing], REGROW_VALUE))
+            return tf.math.top_k(scores, k=k).indices
+
+        return tf.cond(tf.shape(candidates)[0] >= k, lambda: candidates[:k], exact)
+
+    def _regrow(self, layers, missing):
+        def grow():
+            flat = tf.concat([tf.reshape(layer.theta.value, [-1]) for layer in layers], axis=0)
+            chosen = self._sample_dormant(flat, missing)
             offset = 0
             for layer in layers:
                 n = layer.kernel_size_total
-                layer.theta.assign(tf.reshape(grown[offset:offset + n], layer.theta.shape))
+                local = tf.boolean_mask(chosen - offset, (chosen >= offset) & (chosen < offset + n))
+                theta = tf.reshape(layer.theta.value, [-1])
+                theta = tf.tensor_scatter_nd_update(theta, local[:, None], tf.fill(tf.shape(local), REGROW_VALUE))
+                layer.theta.assign(tf.reshape(theta, layer.theta.shape))
                 offset += n
             return missing
 

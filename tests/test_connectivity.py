@@ -81,24 +81,35 @@ def test_mass_death_is_refilled_and_slots_reset(mode):
         assert np.all(theta[theta <= 0] == 0.0)
 
 
-def test_regrowth_picks_dormant_entries_uniformly():
+@pytest.mark.parametrize("budget,killed", [(20, 20), (190, 10)])
+def test_regrowth_picks_dormant_entries_uniformly(budget, killed):
+    """(20, 20): 20 regrown among 200 dormant (rejection sampler); (190, 10): 10 among only 20 dormant,
+    where the draws rarely find enough and the exact top-k fallback runs."""
     layer = SparseDense(20, connectivity=0.1, seed=0)
-    layer.build((None, 10))  # 200 entries, 20 active
-    alloc = allocate_budget([200], 0.1, "layer")
+    layer.build((None, 10))  # 200 entries
+    alloc = allocate_budget([200], budget / 200, "layer")
     sampler = ConnectivitySampler([layer], alloc, temperature=0.0, seed=5)
     sampler._slots = [[]]
+    base = np.zeros(200, "float32")
+    base[:budget] = 1.0
+    dormant_after_kill = np.arange(budget - killed, 200)
     hits = np.zeros(200)
     trials = 400
     for _ in range(trials):
+        layer.theta.assign(base.reshape(10, 20))
         masks = sampler.active_masks()
-        layer.theta.assign(-np.ones((10, 20), "float32"))  # every connection dies: 20 regrown among 200
+        theta = base.copy()
+        theta[budget - killed:budget] = -1.0  # these die in this step
+        layer.theta.assign(theta.reshape(10, 20))
         sampler.after_update(masks, 0.1)
         active = np.asarray(layer.theta).reshape(-1) > 0
-        assert active.sum() == 20
+        assert active.sum() == budget
+        assert active[: budget - killed].all()  # survivors untouched
         hits += active
-    _, p = stats.chisquare(hits)  # expected 40 hits per entry under uniform re-activation
-    assert p > 1e-3, p
-    assert hits.min() > 0
+    observed = hits[dormant_after_kill]
+    _, p = stats.chisquare(observed)  # uniform: every dormant entry equally often
+    assert p > 1e-3, (p, observed)
+    np.testing.assert_allclose(observed.sum(), trials * killed)
 
 
 def test_weight_decay_prior_and_l1_prior_shrink_active_theta():

@@ -132,7 +132,7 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     train_ds = make_pipeline(data.x_train, data.y_train, cfg.batch_size, shuffle=True, seed=cfg.seed + initial_epoch)
     val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
     if initial_epoch < epochs:
-        trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, validation_data=val_ds,
+        trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, validation_data=val_ds, shuffle=False,
                     callbacks=callbacks, verbose=verbose)
     train_seconds = saver.train_seconds if initial_epoch < epochs else saver.seconds_before
 
