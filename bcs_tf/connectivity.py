@@ -43,19 +43,25 @@ class Allocation:
         return {"counts": list(self.counts), "groups": [list(g) for g in self.groups], "budgets": list(self.budgets)}
 
 
-def _scale_to_total(sizes, fractions, total):
-    """Integer counts ∝ fractions·sizes, each ≤ its size and ≥ 1, summing exactly to ``total``."""
+def _counts_for_total(sizes, fractions, total):
+    """Integer counts near fractions·sizes, each in [1, size], summing exactly to ``total``.
+
+    Below the budget, the deficit is spread in proportion to full layer size (what the authors' first
+    rewiring step does in expectation); above it, all counts shrink by one common factor.
+    """
     sizes = np.asarray(sizes, dtype=np.int64)
-    raw = np.asarray(fractions, dtype=np.float64) * sizes
+    raw = np.minimum(np.asarray(fractions, dtype=np.float64) * sizes, sizes)
     if total > sizes.sum():
         raise ConfigError(f"budget {total} exceeds the {sizes.sum()} prunable entries")
+    if raw.sum() <= total:
+        curve = lambda s: np.minimum(sizes, raw + s * sizes)  # noqa: E731
+    else:
+        curve = lambda s: s * raw  # noqa: E731
     lo, hi = 0.0, 1.0
-    while np.minimum(sizes, hi * raw).sum() < total:
-        hi *= 2.0
-    for _ in range(200):  # bisection on the common scale factor; caps make the sum piecewise linear
+    for _ in range(200):  # bisection on the monotone curve (caps make it piecewise linear)
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if np.minimum(sizes, mid * raw).sum() < total else (lo, mid)
-    target = np.minimum(sizes, hi * raw)
+        lo, hi = (mid, hi) if curve(mid).sum() < total else (lo, mid)
+    target = curve(hi)
     counts = np.minimum(np.floor(target).astype(np.int64), sizes)
     counts = np.maximum(counts, np.minimum(1, total // len(sizes)))
     # Largest remainder: hand out (or take back) the rounding difference one entry at a time.
@@ -76,8 +82,8 @@ def allocate_budget(sizes, connectivity, mode="global", profile=None):
 
     ``mode="global"`` (the authors' choice): one budget int(c·Σ sizes) shared by all layers; the initial
     per-layer counts follow ``profile`` (initial per-layer fractions, e.g. denser first and last layers),
-    scaled by a common factor so that they already sum to the budget. ``mode="layer"``: every layer keeps
-    exactly round(c·n_l) (at least 1) on its own.
+    adjusted so that they already sum to the budget (see :func:`_counts_for_total`). ``mode="layer"``:
+    every layer keeps exactly round(c·n_l) (at least 1) on its own.
     """
     if not (0.0 < connectivity <= 1.0):
         raise ConfigError(f"connectivity must be in (0, 1]. Received: connectivity={connectivity}")
@@ -91,7 +97,7 @@ def allocate_budget(sizes, connectivity, mode="global", profile=None):
     profile = [connectivity] * len(sizes) if profile is None else list(profile)
     if len(profile) != len(sizes):
         raise ConfigError(f"profile has {len(profile)} entries for {len(sizes)} sparse layers")
-    counts = tuple(int(c) for c in _scale_to_total(sizes, profile, total))
+    counts = tuple(int(c) for c in _counts_for_total(sizes, profile, total))
     return Allocation(counts, (tuple(range(len(sizes))),), (total,))
 
 

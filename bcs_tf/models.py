@@ -1,86 +1,50 @@
-"""Model definitions written once against a layer factory, so dense and sparse variants share them.
+"""Model registry: builds a named architecture as its sparse (BCS / random) or dense variant.
 
-A :class:`LayerFactory` hands out either the sparse BCS layers or the standard Keras layers; every model
-also declares its initial per-layer connectivity profile (denser first and output layers, as the authors
-do), which :func:`bcs_tf.connectivity.allocate_budget` scales to the exact global budget.
+For sparse variants every conv and dense kernel is a sparse layer inside one budget; the initial per-layer
+counts follow the architecture's profile (DESIGN.md §1), scaled so that they sum to the budget exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
+import typing
 
 import keras
 
+from bcs_tf import architectures as arch
 from bcs_tf.connectivity import configure_connectivity
 from bcs_tf.errors import ConfigError
-from bcs_tf.layers import SparseConv2D, SparseDense
+from bcs_tf.factory import LayerFactory
+from bcs_tf.layers import sparse_layers
 
 METHODS = ("bcs", "random", "dense")
 
 
-@dataclasses.dataclass
-class LayerFactory:
-    """Creates the prunable layers of a model: sparse (θ, γ) layers or their dense Keras counterparts."""
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """An architecture, its natural input shape and its initial-connectivity profile."""
 
-    sparse: bool
-    connectivity: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        self._counter = itertools.count()
-
-    def _seed(self):
-        return self.seed * 1000 + next(self._counter)
-
-    def conv(self, filters, kernel_size=3, strides=1, name=None):
-        """A bias-free 3×3-style convolution (BatchNorm follows it in every model)."""
-        if self.sparse:
-            return SparseConv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                                connectivity=self.connectivity, seed=self._seed(), name=name)
-        return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
-                                   kernel_initializer=keras.initializers.HeNormal(self._seed()), name=name)
-
-    def dense(self, units, name=None):
-        """A fully connected layer with a dense bias."""
-        if self.sparse:
-            return SparseDense(units, connectivity=self.connectivity, seed=self._seed(), name=name)
-        return keras.layers.Dense(units, kernel_initializer=keras.initializers.HeNormal(self._seed()), name=name)
+    builder: typing.Callable
+    input_shape: tuple
+    profile: typing.Callable  # c -> {tag: initial fraction}
 
 
-def _conv_bn_relu(f, x, filters, strides, name):
-    x = f.conv(filters, 3, strides=strides, name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
-    return keras.layers.ReLU(name=f"{name}_relu")(x)
-
-
-def small_cnn(f, input_shape=(28, 28, 1), num_classes=10):
-    """Three conv-BN-ReLU blocks (16, 32/2, 64/2 channels) and a 128-unit dense head (≈426k kernel entries).
-
-    Sized for CPU adversarial training: a PGD-10 TRADES step at batch 128 takes ≈0.2 s here (bench/).
-    """
-    inputs = keras.Input(input_shape, name="image")
-    x = _conv_bn_relu(f, inputs, 16, 1, "block1")
-    x = _conv_bn_relu(f, x, 32, 2, "block2")
-    x = _conv_bn_relu(f, x, 64, 2, "block3")
-    x = keras.layers.Flatten(name="flatten")(x)
-    x = f.dense(128, name="fc1")(x)
-    x = keras.layers.BatchNormalization(name="fc1_bn")(x)
-    x = keras.layers.ReLU(name="fc1_relu")(x)
-    outputs = f.dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name="small_cnn")
-
-
-def small_cnn_profile(c):
-    """Initial per-layer connectivities (authors' pattern: dense-ish first/output layers, 0.5c in the middle)."""
-    return [0.6, 0.2, 0.5 * c, 0.5 * c, 0.6]
-
-
-MODELS = {"small_cnn": (small_cnn, small_cnn_profile)}
+MODELS = {
+    "small_cnn": ModelSpec(arch.small_cnn, (28, 28, 1), arch.authors_profile(0.2)),
+    "vgg16": ModelSpec(arch.vgg16, (32, 32, 3), arch.authors_profile(0.2)),
+    "resnet18": ModelSpec(arch.resnet18, (32, 32, 3), arch.authors_profile(0.2)),
+    "wrn28_2": ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=2), (32, 32, 3),
+                         arch.authors_profile(0.1)),
+    "wrn28_4": ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=4), (32, 32, 3),
+                         arch.authors_profile(0.1)),
+    "wrn28_10": ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=10), (32, 32, 3),
+                          arch.authors_profile(0.1)),
+}
 
 
 def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="global", seed=0,
-                input_shape=(28, 28, 1), num_classes=10):
+                input_shape=None, num_classes=10):
     """Build model ``name`` for ``method``; returns ``(model, allocation)`` (allocation is None when dense).
 
     ``method="dense"`` or ``connectivity=1`` gives standard Keras layers; otherwise every conv and dense
@@ -92,11 +56,20 @@ def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="globa
         raise ConfigError(f"unknown method; choose one of {METHODS}. Received: method={method!r}")
     if not (0.0 < connectivity <= 1.0):
         raise ConfigError(f"connectivity must be in (0, 1]. Received: connectivity={connectivity}")
-    builder, profile = MODELS[name]
+    spec = MODELS[name]
+    input_shape = tuple(input_shape or spec.input_shape)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise ConfigError(f"input shape must be (height, width, channels). Received: input_shape={input_shape}")
     sparse = method != "dense" and connectivity < 1.0
     keras.utils.set_random_seed(seed)
-    model = builder(LayerFactory(sparse, connectivity, seed), input_shape=tuple(input_shape), num_classes=num_classes)
+    factory = LayerFactory(sparse, connectivity, seed)
+    try:
+        model = spec.builder(factory, input_shape=input_shape, num_classes=num_classes)
+    except ValueError as exc:  # e.g. an input too small for the network's pooling
+        raise ConfigError(f"model {name} cannot take inputs of shape {input_shape}: {exc}") from None
     if not sparse:
         return model, None
-    allocation = configure_connectivity(model, connectivity, budget, profile(connectivity), seed=seed)
+    fractions = spec.profile(connectivity)
+    profile = [fractions[factory.tags[layer.name]] for layer in sparse_layers(model)]
+    allocation = configure_connectivity(model, connectivity, budget, profile, seed=seed)
     return model, allocation

@@ -3,7 +3,7 @@ import pytest
 
 from bcs_tf.connectivity import allocate_budget, connectivity_report
 from bcs_tf.errors import ConfigError
-from bcs_tf.models import build_model
+from bcs_tf.models import MODELS, build_model
 
 
 def test_global_budget_counts_sum_exactly_and_keep_the_profile_shape():
@@ -44,3 +44,21 @@ def test_dense_method_and_full_connectivity_give_plain_keras_layers():
     for method, c in (("dense", 0.01), ("bcs", 1.0)):
         net, alloc = build_model("small_cnn", method, c)
         assert alloc is None and connectivity_report(net)["layers"] == {}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("c", [0.1, 0.01])
+def test_every_model_builds_with_the_exact_budget(name, c):
+    net, alloc = build_model(name, "bcs", c, "global")
+    report = connectivity_report(net)
+    assert report["active"] == alloc.budgets[0] == int(c * report["size"])
+    layers = list(report["layers"].values())
+    # The authors' profile: first and output layers denser than the middle of the network.
+    assert layers[0]["connectivity"] > 2 * c and layers[-1]["connectivity"] > 2 * c
+    x = np.zeros((2,) + MODELS[name].input_shape, "float32")
+    assert net(x).shape == (2, 10)
+
+
+def test_too_small_input_is_a_config_error():
+    with pytest.raises(ConfigError, match="input"):
+        build_model("vgg16", "bcs", 0.1, input_shape=(4, 4, 3))

@@ -1,0 +1,102 @@
+"""Network definitions written once against a :class:`~bcs_tf.factory.LayerFactory`.
+
+Each architecture comes with the authors' initial connectivity profile: a map from profile tag to the
+initial fraction of active entries at target connectivity c (scaled to the exact global budget later).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from bcs_tf.factory import bn_relu, conv_bn_relu
+
+
+def small_cnn(f, input_shape=(28, 28, 1), num_classes=10):
+    """Three conv-BN-ReLU blocks (16, 32/2, 64/2 channels) and a 128-unit dense head (≈426k kernel entries).
+
+    Sized for CPU adversarial training of 28×28 images (see bench/step_time.py for its step time).
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = conv_bn_relu(f, inputs, 16, 1, "block1", tag="first")
+    x = conv_bn_relu(f, x, 32, 2, "block2", tag="second")
+    x = conv_bn_relu(f, x, 64, 2, "block3")
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = bn_relu(f.dense(128, name="fc1")(x), "fc1")
+    outputs = f.dense(num_classes, name="logits", tag="output")(x)
+    return keras.Model(inputs, outputs, name="small_cnn")
+
+
+def vgg16(f, input_shape=(32, 32, 3), num_classes=10):
+    """VGG-16 as the authors use it: 13 conv-BN-ReLU (4 max-pools) and dense 2048→256→256→classes."""
+    plan = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    inputs = keras.Input(input_shape, name="image")
+    x, conv_id = inputs, 0
+    for item in plan:
+        if item == "M":
+            x = keras.layers.MaxPooling2D(2, name=f"pool{conv_id}")(x)
+            continue
+        conv_id += 1
+        tag = "first" if conv_id <= 2 else "second" if conv_id <= 4 else "middle"
+        x = conv_bn_relu(f, x, item, 1, f"conv{conv_id}", tag=tag)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.ReLU(name="fc1_relu")(f.dense(256, name="fc1")(x))
+    x = keras.layers.ReLU(name="fc2_relu")(f.dense(256, name="fc2")(x))
+    outputs = f.dense(num_classes, name="logits", tag="output")(x)
+    return keras.Model(inputs, outputs, name="vgg16")
+
+
+def _basic_block(f, x, filters, strides, name, tag):
+    """Post-activation ResNet basic block with a 1×1 projection shortcut when the shape changes."""
+    shortcut = x
+    y = conv_bn_relu(f, x, filters, strides, f"{name}_a", tag=tag)
+    y = f.conv(filters, 3, name=f"{name}_b_conv", tag=tag)(y)
+    y = keras.layers.BatchNormalization(name=f"{name}_b_bn")(y)
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = f.conv(filters, 1, strides=strides, name=f"{name}_short_conv", tag=tag)(x)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_short_bn")(shortcut)
+    return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
+
+
+def resnet18(f, input_shape=(32, 32, 3), num_classes=10):
+    """CIFAR ResNet-18: 3×3 stem, four stages of two basic blocks (64, 128, 256, 512), global pool, dense."""
+    inputs = keras.Input(input_shape, name="image")
+    x = conv_bn_relu(f, inputs, 64, 1, "stem", tag="first")
+    for stage, filters in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            strides = 2 if stage > 1 and block == 0 else 1
+            x = _basic_block(f, x, filters, strides, f"s{stage}b{block}", tag="second" if stage == 1 else "middle")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = f.dense(num_classes, name="logits", tag="output")(x)
+    return keras.Model(inputs, outputs, name="resnet18")
+
+
+def _wide_block(f, x, filters, strides, name, tag):
+    """Pre-activation wide-ResNet block (BN-ReLU-conv ×2), 1×1 shortcut from the activated input."""
+    equal = x.shape[-1] == filters and strides == 1
+    act = bn_relu(x, f"{name}_pre")
+    y = f.conv(filters, 3, strides=strides, name=f"{name}_a_conv", tag=tag)(act)
+    y = f.conv(filters, 3, name=f"{name}_b_conv", tag=tag)(bn_relu(y, f"{name}_mid"))
+    shortcut = x if equal else f.conv(filters, 1, strides=strides, name=f"{name}_short_conv", tag=tag,
+                                      padding="valid")(act)
+    return keras.layers.Add(name=f"{name}_add")([y, shortcut])
+
+
+def wide_resnet(f, depth=28, width=10, input_shape=(32, 32, 3), num_classes=10):
+    """WRN-depth-width (Zagoruyko & Komodakis), the authors' variant: three groups of (depth−4)/6 blocks."""
+    if (depth - 4) % 6:
+        raise ValueError(f"WRN depth must be 6n+4. Received: depth={depth}")
+    n = (depth - 4) // 6
+    inputs = keras.Input(input_shape, name="image")
+    x = f.conv(16, 3, name="stem_conv", tag="first")(inputs)
+    for group, filters in enumerate((16 * width, 32 * width, 64 * width), start=1):
+        for block in range(n):
+            strides = 2 if group > 1 and block == 0 else 1
+            x = _wide_block(f, x, filters, strides, f"g{group}b{block}", tag="second" if group == 1 else "middle")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(bn_relu(x, "final"))
+    outputs = f.dense(num_classes, name="logits", tag="output")(x)
+    return keras.Model(inputs, outputs, name=f"wrn{depth}_{width}")
+
+
+def authors_profile(second):
+    """Initial fractions: first layer(s) 0.6, ``second`` for the early stage, 0.5c in the middle, output 0.6."""
+    return lambda c: {"first": 0.6, "second": second, "middle": 0.5 * c, "output": 0.6}
