@@ -1,0 +1,97 @@
+import json
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+from bcs_tf.layers import sparse_layers
+from export.__main__ import main as export_main
+from export.strip import kernel_nonzeros, strip_model
+from export.tflite import convert
+from training.run import main as train_main
+
+FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
+        "--verbose", "0", "--max-steps", "3", "--connectivity", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sparse"
+    assert train_main(FAST + ["--out", str(out)]) == 0
+    return out
+
+
+def _export(run_dir, *flags):
+    return export_main([str(run_dir), "--n-examples", "64", "--calibration-examples", "32", *flags])
+
+
+def _report(run_dir, name):
+    return json.loads((run_dir / "export" / "export_report.json").read_text())[name]
+
+
+def test_strip_is_exact_and_uses_only_standard_layers(run_dir):
+    net = keras.models.load_model(run_dir / "model.keras")
+    plain = strip_model(net)
+    x = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(net(x)), np.asarray(plain(x)))
+    assert all(layer.__class__.__module__.startswith("keras") for layer in plain.layers)
+    budget = json.loads((run_dir / "metrics.json").read_text())["allocation"]["budgets"][0]
+    assert sum(kernel_nonzeros(plain).values()) == budget
+
+
+@pytest.mark.parametrize("fmt,quantize,name", [
+    ("keras", "none", "model.keras"),
+    ("tflite", "none", "model.tflite"),
+    ("tflite", "int8", "model_int8.tflite"),
+    ("tflite", "dynamic", "model_dynamic.tflite"),
+    ("onnx", "none", "model.onnx"),
+])
+def test_each_format_round_trips_within_parity_bounds(run_dir, fmt, quantize, name):
+    assert _export(run_dir, "--format", fmt, "--quantize", quantize) == 0
+    report = _report(run_dir, name)
+    assert report["parity"]["ok"] and (run_dir / "export" / name).is_file()
+    budget = report["nonzeros"]["budget"]
+    if quantize == "none":
+        assert report["nonzeros"]["exported"] == budget
+        assert report["parity"]["top1_agreement"] >= 0.999
+    else:
+        assert report["nonzeros"]["exported"] <= budget
+    if fmt == "tflite":
+        assert report["loads"]["default"] == "ok"  # never a file that fails with the defaults
+    if fmt == "keras":
+        assert report["loads_without_bcs_tf"] is True
+    rob = report["robustness"]
+    assert 0 <= rob["exported"]["pgd20_transfer"] <= 1 and rob["keras"]["pgd20"] <= rob["keras"]["clean"]
+
+
+def test_sparse_tflite_is_much_smaller_than_dense(run_dir):
+    plain = strip_model(keras.models.load_model(run_dir / "model.keras"))
+    sparse, _ = convert(plain, "none", sparse=True)
+    dense, _ = convert(plain, "none", sparse=False)
+    assert len(dense) >= 5 * len(sparse), (len(dense), len(sparse))
+
+
+def test_model_with_wrong_connection_count_is_refused(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("config.json", "metrics.json"):
+        (bad / name).write_text((run_dir / name).read_text())
+    net = keras.models.load_model(run_dir / "model.keras")
+    layer = sparse_layers(net)[-1]
+    theta = np.asarray(layer.theta).copy()
+    theta.flat[np.flatnonzero(theta <= 0)[0]] = 0.5  # one connection too many
+    layer.theta.assign(theta)
+    net.save(bad / "model.keras")
+    assert _export(bad, "--format", "tflite") == 2
+    assert "active connections" in capsys.readouterr().err
+    assert not (bad / "export").exists()
+
+
+def test_missing_model_and_existing_output_are_clear_errors(run_dir, tmp_path, capsys):
+    assert _export(tmp_path, "--format", "onnx") == 2
+    assert "model.keras" in capsys.readouterr().err
+    existing = tmp_path / "x.tflite"
+    existing.write_bytes(b"keep me")
+    assert _export(run_dir, "--format", "tflite", "--out", str(existing)) == 2
+    assert existing.read_bytes() == b"keep me"
