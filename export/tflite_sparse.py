@@ -214,3 +214,4 @@ def kernel_nonzeros(model_bytes):
             if array is not None:
                 total += int(np.count_nonzero(array))
     return total
+
