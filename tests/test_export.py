@@ -95,3 +95,30 @@ def test_missing_model_and_existing_output_are_clear_errors(run_dir, tmp_path, c
     existing.write_bytes(b"keep me")
     assert _export(run_dir, "--format", "tflite", "--out", str(existing)) == 2
     assert existing.read_bytes() == b"keep me"
+
+
+def test_csr_codec_round_trips_any_sparse_tensor():
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from export.tflite_sparse import decode_sparse, encode_csr
+
+    rng = np.random.default_rng(0)
+    for shape in [(7, 300), (4, 3, 3, 5), (2, 70000)]:
+        dense = (rng.uniform(size=shape) < 0.05) * rng.normal(size=shape)
+        dense = dense.astype("float32")
+        sp, values = encode_csr(dense)
+        tensor = schema.TensorT()
+        tensor.shape, tensor.type, tensor.sparsity = list(shape), schema.TensorType.FLOAT32, sp
+        np.testing.assert_array_equal(decode_sparse(tensor, np.frombuffer(values, np.uint8)), dense)
+
+
+def test_predict_cli_classifies_with_litert(run_dir, capsys, tmp_path):
+    from export.predict import main as predict_main
+
+    image = tmp_path / "x.npy"
+    np.save(image, np.random.default_rng(0).uniform(size=(28, 28)).astype("float32"))
+    model = run_dir / "export" / "model.tflite"
+    if not model.exists():
+        assert _export(run_dir, "--format", "tflite") == 0
+    assert predict_main([str(model), "--image", str(image)]) == 0
+    assert "p=" in capsys.readouterr().out
