@@ -19,8 +19,11 @@ QUANTIZE = ("none", "dynamic", "float16", "int8")
 RESOLVERS = {"default": OpResolverType.AUTO, "reference": OpResolverType.BUILTIN_REF}
 
 
-def convert(model, quantize="none", sparse=True, representative=None, int8_weights="per-channel"):
-    """Convert a plain Keras ``model``; ``representative`` (float array) is required for ``int8``."""
+def convert(model, quantize="none", sparse=True, representative=None, int8_weights="per-channel", compacted=True):
+    """Convert a plain Keras ``model``; ``representative`` (float array) is required for ``int8``.
+
+    ``compacted=False`` returns the stock converter's output (for comparison in bench/export_size.py).
+    """
     if quantize not in QUANTIZE:
         raise ConfigError(f"--quantize must be one of {QUANTIZE}. Received: {quantize!r}")
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -41,7 +44,7 @@ def convert(model, quantize="none", sparse=True, representative=None, int8_weigh
         converter._experimental_disable_per_channel = int8_weights == "per-tensor"
     data = converter.convert()
     notes = []
-    if sparse:
+    if sparse and compacted:
         data, notes = compact(data)
     return data, notes
 
