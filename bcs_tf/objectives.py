@@ -81,11 +81,59 @@ class Trades:
         return natural + self.beta * robust, logits_nat, logits_adv
 
 
-OBJECTIVES = {"natural": Natural, "at": MadryAT, "trades": Trades}
+@dataclasses.dataclass(frozen=True)
+class MixedBatchAT:
+    """Mixed-batch AT (Kurakin et al. 2017): PGD examples for the first half of the batch, clean rest."""
+
+    name = "mat"
+
+    def adversarial(self, predict, x, y, attack, seed=None):
+        half = tf.shape(x)[0] // 2
+        x_adv = MadryAT().adversarial(predict, x[:half], y[:half], attack, seed)
+        return tf.concat([x_adv, x[half:]], axis=0)
+
+    def loss(self, forward, x, y, x_adv):
+        logits = forward(x_adv)
+        return tf.reduce_mean(cross_entropy(logits, y)), None, logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Mart:
+    """MART (Wang et al. 2020): boosted CE on x_adv + β·KL(p(x) ‖ p(x_adv))·(1 − p_y(x))."""
+
+    beta: float = 6.0
+    name = "mart"
+
+    def __post_init__(self):
+        if self.beta < 0:
+            raise ConfigError(f"beta must be ≥ 0. Received: beta={self.beta}")
+
+    def adversarial(self, predict, x, y, attack, seed=None):
+        start = x + 0.001 * keras.random.normal(tf.shape(x), seed=seed)
+        return pgd(predict, x, y, attack.eps, attack.step_size, attack.steps, norm=attack.norm, init=start,
+                   clip_min=attack.clip_min, clip_max=attack.clip_max)
+
+    def loss(self, forward, x, y, x_adv):
+        logits_nat, logits_adv = forward(x), forward(x_adv)
+        y = tf.cast(y, tf.int32)
+        adv_probs = tf.nn.softmax(logits_adv)
+        # The most likely wrong class under attack (MART's "new_y").
+        top2 = tf.math.top_k(adv_probs, k=2).indices
+        wrong = tf.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])
+        boost = -tf.math.log(1.0001 - tf.gather(adv_probs, wrong, batch_dims=1) + 1e-12)
+        loss_adv = tf.reduce_mean(cross_entropy(logits_adv, y)) + tf.reduce_mean(boost)
+        nat_probs = tf.nn.softmax(logits_nat)
+        true_probs = tf.gather(nat_probs, y, batch_dims=1)
+        kl = tf.reduce_sum(nat_probs * (tf.math.log(nat_probs + 1e-30) - tf.math.log(adv_probs + 1e-12)), axis=1)
+        robust = tf.reduce_mean(kl * (1.0000001 - true_probs))
+        return loss_adv + self.beta * robust, logits_nat, logits_adv
+
+
+OBJECTIVES = {"natural": Natural, "at": MadryAT, "mat": MixedBatchAT, "trades": Trades, "mart": Mart}
 
 
 def make_objective(name, beta=6.0):
-    """Objective instance by name (``natural``, ``at``, ``trades``)."""
+    """Objective instance by name (``natural``, ``at``, ``mat``, ``trades``, ``mart``)."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective; choose one of {sorted(OBJECTIVES)}. Received: objective={name!r}")
     cls = OBJECTIVES[name]

@@ -85,3 +85,11 @@ def test_max_steps_stops_early(tmp_path):
     out = tmp_path / "run"
     assert main(FAST + ["--max-steps", "3", "--method", "random", "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("objective", ["natural", "at", "mat", "mart"])
+def test_every_objective_trains_in_the_compiled_step(tmp_path, objective):
+    out = tmp_path / objective
+    assert main(FAST + ["--max-steps", "2", "--objective", objective, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
