@@ -93,3 +93,22 @@ def test_every_objective_trains_in_the_compiled_step(tmp_path, objective):
     assert main(FAST + ["--max-steps", "2", "--objective", objective, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
+
+
+def test_piecewise_schedule_and_decoupled_weight_decay_follow_the_authors():
+    from training.config import RunConfig
+    from training.run import make_optimizer
+
+    opt = make_optimizer(RunConfig(lr=0.1, weight_decay=5e-4), total_steps=100)
+    schedule = opt._learning_rate
+    assert [float(schedule(s)) for s in (0, 50, 51, 75, 76, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert opt.weight_decay == pytest.approx(5e-3)  # wd/lr0: θ ← (1 − lr_t·wd/lr0)·θ = (1 − wd_t)·θ
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_other_optimizers_by_name(tmp_path, optimizer):
+    out = tmp_path / optimizer
+    assert main(FAST + ["--max-steps", "2", "--optimizer", optimizer, "--lr", "0.01", "--lr-schedule", "cosine",
+                        "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]

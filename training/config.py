@@ -13,6 +13,8 @@ from bcs_tf.models import METHODS, MODELS
 from bcs_tf.objectives import OBJECTIVES
 
 AUTHORS_NOISE_SIGMA = 1e-6
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +30,9 @@ class RunConfig:
     model: str = "small_cnn"
     epochs: int = 20
     batch_size: int = 128
+    optimizer: str = "sgd"
     lr: float = 0.1
+    lr_schedule: str = "piecewise"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eps: float = 0.1
@@ -50,7 +54,8 @@ class RunConfig:
             raise ConfigError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
 
         choices = {"objective": sorted(OBJECTIVES), "method": METHODS, "budget": BUDGET_MODES,
-                   "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean")}
+                   "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean"),
+                   "optimizer": OPTIMIZER_NAMES, "lr_schedule": SCHEDULE_NAMES}
         for flag, allowed in choices.items():
             if getattr(self, flag) not in allowed:
                 bad(flag, f"must be one of {', '.join(allowed)}")
