@@ -2,7 +2,8 @@
 
 Fashion-MNIST is read offline from the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist/``), else from the Keras cache (``~/.keras/datasets/fashion-mnist``),
-else through TFDS; a clear :class:`DataError` lists those places when none has it.
+else through TFDS; a clear :class:`DataError` lists those places when none has it. CIFAR-10/100 and SVHN
+come through TFDS (``--data-dir`` is its data_dir).
 """
 
 from __future__ import annotations
@@ -128,11 +129,35 @@ def _to_float(x):
     return x[..., None] if x.ndim == 3 else x
 
 
+def load_tfds(name, data_dir=None):
+    """``((x_train, y_train), (x_test, y_test), num_classes)`` of a TFDS image dataset as uint8 arrays."""
+    try:
+        import tensorflow_datasets as tfds
+
+        splits, info = tfds.load(name, split=["train", "test"], as_supervised=True, with_info=True,
+                                 data_dir=data_dir, download=True)
+        arrays = []
+        for split in splits:  # batched iteration: batch_size=-1 crashes under tfds.testing.mock_data
+            xs, ys = zip(*tfds.as_numpy(split.batch(4096)))
+            arrays.append((np.concatenate(xs), np.concatenate(ys)))
+        num_classes = info.features["label"].num_classes
+    except Exception as exc:  # TFDS raises network, checksum and missing-data errors of many types
+        where = f"data_dir={data_dir}" if data_dir else "the default TFDS data_dir (~/tensorflow_datasets)"
+        raise DataError(
+            f"TFDS could not load {name} from {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}. "
+            f"Prepare it once with internet access (`tfds build {name}`) or pass --data-dir to a prepared copy."
+        ) from None
+    return arrays[0], arrays[1], num_classes
+
+
 def load_dataset(name, val_split=5000, seed=0, data_dir=None, synthetic_size=(1024, 256)):
-    """Load dataset ``name`` (``fashion_mnist`` or ``synthetic``) with a held-out validation split."""
+    """Load dataset ``name`` (see :data:`DATASETS`) with a held-out validation split."""
     if name == "fashion_mnist":
         (x_tr, y_tr), (x_te, y_te), source = load_fashion_mnist(data_dir)
         num_classes = 10
+    elif name in TFDS_DATASETS:
+        (x_tr, y_tr), (x_te, y_te), num_classes = load_tfds(name, data_dir)
+        source = f"tfds:{name}"
     elif name == "synthetic":
         (x_tr, y_tr), (x_te, y_te) = synthetic_arrays(*synthetic_size, seed=seed)
         source, num_classes = "synthetic", 10
@@ -144,12 +169,34 @@ def load_dataset(name, val_split=5000, seed=0, data_dir=None, synthetic_size=(10
     return Dataset(name, x_tr, y_tr, x_val, y_val, x_te, y_te, num_classes, source)
 
 
-DATASETS = ("fashion_mnist", "synthetic")
+TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped")
+DATASETS = ("fashion_mnist", *TFDS_DATASETS, "synthetic")
 
 
-def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False):
-    """A ``tf.data`` pipeline over in-memory arrays (reshuffled each epoch when ``shuffle``)."""
+def default_augment(name):
+    """Whether ``name`` is trained with the authors' augmentation by default (the CIFAR-style sets)."""
+    return name in TFDS_DATASETS
+
+
+def augmenter(flip=True, seed=0):
+    """The authors' augmentation: random shifts up to ±10% (bilinear, nearest fill), horizontal flips."""
+    import keras
+
+    layers = [keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", interpolation="bilinear", seed=seed)]
+    if flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 1))
+    return keras.Sequential(layers)
+
+
+def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False, augment=None):
+    """A ``tf.data`` pipeline over in-memory arrays (reshuffled each epoch when ``shuffle``).
+
+    ``augment``: an optional Keras preprocessing model (see :func:`augmenter`) applied per batch.
+    """
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if augment is not None:
+        ds = ds.map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

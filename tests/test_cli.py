@@ -112,3 +112,16 @@ def test_other_optimizers_by_name(tmp_path, optimizer):
                         "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn_cropped"])
+def test_one_step_on_each_tfds_dataset(tmp_path, dataset):
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / dataset
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert main(["--dataset", dataset, "--val-split", "4", "--batch-size", "8", "--max-steps", "1",
+                     "--attack-steps", "1", "--eval-steps", "1", "--verbose", "0", "--connectivity", "0.1",
+                     "--out", str(out)] + (["--no-flip"] if dataset == "svhn_cropped" else [])) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["config"]["dataset"] == dataset

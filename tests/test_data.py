@@ -54,3 +54,42 @@ def test_bad_val_split_and_unknown_dataset():
         data.load_dataset("synthetic", val_split=10_000)
     with pytest.raises(ConfigError, match="dataset"):
         data.load_dataset("mnist3d")
+
+
+@pytest.fixture
+def mock_tfds():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100), ("svhn_cropped", 10)])
+def test_tfds_datasets_load_through_tfds(mock_tfds, name, classes):
+    ds = data.load_dataset(name, val_split=4)
+    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_val.shape == (4, 32, 32, 3)
+    assert ds.num_classes == classes and ds.source == f"tfds:{name}"
+    assert ds.x_train.dtype == np.float32 and 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+
+
+def test_tfds_failure_is_a_clear_data_error(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(DataError, match="cifar10.*--data-dir"):
+        data.load_dataset("cifar10", data_dir="/nowhere")
+
+
+def test_augmentation_shifts_and_flips_within_range():
+    x = np.zeros((16, 32, 32, 3), "float32")
+    x[:, :, :16] = 1.0  # left half white: a flip or a shift changes it
+    aug = data.augmenter(flip=True, seed=0)
+    ds = data.make_pipeline(x, np.zeros(16, "int32"), 16, augment=aug)
+    out = next(iter(ds))[0].numpy()
+    assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0
+    assert np.mean(np.abs(out - x)) > 0.01
+    no_flip = data.augmenter(flip=False, seed=0)
+    assert len(no_flip.layers) == 1

@@ -7,7 +7,7 @@ import typing
 
 from bcs_tf.attacks import AttackConfig
 from bcs_tf.connectivity import BUDGET_MODES, temperature_from_sigma
-from bcs_tf.data import DATASETS
+from bcs_tf.data import DATASETS, default_augment
 from bcs_tf.errors import ConfigError
 from bcs_tf.models import METHODS, MODELS
 from bcs_tf.objectives import OBJECTIVES
@@ -27,6 +27,8 @@ class RunConfig:
     budget: str = "global"
     dataset: str = "fashion_mnist"
     data_dir: typing.Optional[str] = None
+    augment: str = "auto"  # auto: on for cifar10/cifar100/svhn_cropped (authors), off otherwise
+    no_flip: bool = False
     model: str = "small_cnn"
     epochs: int = 20
     batch_size: int = 128
@@ -55,7 +57,8 @@ class RunConfig:
 
         choices = {"objective": sorted(OBJECTIVES), "method": METHODS, "budget": BUDGET_MODES,
                    "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean"),
-                   "optimizer": OPTIMIZER_NAMES, "lr_schedule": SCHEDULE_NAMES}
+                   "optimizer": OPTIMIZER_NAMES, "lr_schedule": SCHEDULE_NAMES,
+                   "augment": ("auto", "on", "off")}
         for flag, allowed in choices.items():
             if getattr(self, flag) not in allowed:
                 bad(flag, f"must be one of {', '.join(allowed)}")
@@ -84,6 +87,11 @@ class RunConfig:
     def sparse(self):
         """Whether the network uses sparse layers (method bcs/random with connectivity < 1)."""
         return self.method != "dense" and self.connectivity < 1.0
+
+    @property
+    def augmented(self):
+        """Whether training batches get the authors' shift (and flip) augmentation."""
+        return default_augment(self.dataset) if self.augment == "auto" else self.augment == "on"
 
     @property
     def step_size(self):

@@ -23,7 +23,7 @@ import keras  # noqa: E402
 
 from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint  # noqa: E402
 from bcs_tf.connectivity import connectivity_report  # noqa: E402
-from bcs_tf.data import load_dataset, make_pipeline  # noqa: E402
+from bcs_tf.data import augmenter, load_dataset, make_pipeline  # noqa: E402
 from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
 from bcs_tf.evaluation import robust_accuracy  # noqa: E402
 from bcs_tf.models import build_model  # noqa: E402
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true")
+            continue
         kind = {"connectivity": float, "lr": float, "momentum": float, "weight_decay": float, "eps": float,
                 "attack_step_size": float, "beta": float, "alpha": float, "temperature": float}.get(field.name)
         if kind is None:
@@ -151,7 +154,9 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     initial_epoch = state["epoch"] if state else 0
     epochs = min(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
     # A resumed run gets a fresh shuffle order (seeded by the epoch it starts at).
-    train_ds = make_pipeline(data.x_train, data.y_train, cfg.batch_size, shuffle=True, seed=cfg.seed + initial_epoch)
+    augment = augmenter(flip=not cfg.no_flip, seed=cfg.seed) if cfg.augmented else None
+    train_ds = make_pipeline(data.x_train, data.y_train, cfg.batch_size, shuffle=True, seed=cfg.seed + initial_epoch,
+                             augment=augment)
     val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
     if initial_epoch < epochs:
         trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, validation_data=val_ds, shuffle=False,
