@@ -1,0 +1,79 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bcs_tf.data import synthetic_arrays
+from training.evaluate import Evaluator, markdown_table, order_check
+
+
+def _quantize(x):
+    # Forward: inputs rounded to 4 levels; backward: exactly zero gradient (the classic masking mistake).
+    return x * 0.0 + tf.stop_gradient(tf.round(x * 4.0) / 4.0)
+
+
+def _model(masked):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((8, 8, 1))]
+    if masked:
+        layers.append(keras.layers.Lambda(_quantize))
+    layers += [keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)]
+    model = keras.Sequential(layers)
+    (x, y), (xt, yt) = synthetic_arrays(1024, 64, shape=(8, 8, 1), seed=2)
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=5, batch_size=64, verbose=0)
+    return model, xt, yt
+
+
+def _evaluate(model, x, y):
+    ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, square_queries=300, verbose=0)
+    results = {}
+    for name in ("clean", "fgsm", "pgd50", "pgd100", "autoattack"):
+        acc, seconds = ev.run(name, x, y)
+        results[name] = {"accuracy": acc, "seconds_per_1000": 1000 * seconds / len(x)}
+    return results
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_order_check_flags_the_gradient_masked_model_only(masked):
+    model, x, y = _model(masked)
+    results = _evaluate(model, x, y)
+    assert results["clean"]["accuracy"] > 0.7
+    problems = order_check(results, len(x))
+    if masked:
+        assert problems, results  # gradient attacks fail, the black-box part of AutoAttack does not
+    else:
+        assert not problems, (problems, results)
+
+
+def test_order_check_catches_a_reversed_order():
+    results = {"clean": {"accuracy": 0.80}, "fgsm": {"accuracy": 0.30}, "pgd50": {"accuracy": 0.45}}
+    assert any("pgd50" in p for p in order_check(results, 10000))
+    assert not order_check({"clean": {"accuracy": 0.8}, "fgsm": {"accuracy": 0.5}}, 10000)
+
+
+def test_table_has_the_paper_rows():
+    results = {k: {"accuracy": 0.5, "seconds_per_1000": 1.0} for k in ("clean", "fgsm", "pgd50", "bb")}
+    table = markdown_table(results, 0.1, 100)
+    assert "| Clean |" in table and "| B&B∞ |" in table and "| PGD-50 |" in table
+
+
+def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsys):
+    import json
+
+    from training.evaluate import main as eval_main
+    from training.run import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "1", "--eval-steps", "1",
+                       "--max-steps", "2", "--verbose", "0", "--out", str(run)]) == 0
+    flags = [str(run), "--attacks", "clean,fgsm,pgd5,apgd-ce", "--n-examples", "32", "--verbose", "0"]
+    assert eval_main(flags) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["attacks"]) == {"clean", "fgsm", "pgd5", "apgd-ce"}
+    assert all(r["n"] == 32 and r["seconds_per_1000"] > 0 for r in report["attacks"].values())
+    assert "| Clean |" in (run / "eval.md").read_text()
+    assert eval_main(flags) == 2  # eval.json exists
+    assert "--overwrite" in capsys.readouterr().err
+    assert eval_main([str(run), "--attacks", "clean,cw", "--overwrite", "--verbose", "0"]) == 2
+    assert "unknown attack" in capsys.readouterr().err
