@@ -17,9 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from bcs_tf.attacks import AttackConfig  # noqa: E402
-from bcs_tf.models import build_model  # noqa: E402
+from bcs_tf.models import MODELS, build_model  # noqa: E402
 from bcs_tf.objectives import make_objective  # noqa: E402
 from bcs_tf.trainer import RobustTrainer  # noqa: E402
 
@@ -36,6 +37,23 @@ def make_trainer(model, method, objective, connectivity, input_shape, attack_ste
     return trainer
 
 
+def sampler_ms(trainer, repeats):
+    """Median time of the compiled rewiring alone (masks + noise + deaths + regrowth) on the trained state."""
+    sampler = trainer.sampler
+
+    @tf.function
+    def rewire():
+        sampler.after_update(sampler.active_masks(), trainer.optimizer.learning_rate)
+
+    rewire()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rewire()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main(argv=None):
     """Print per-method median step times (ms) and the BCS/dense ratio for each objective."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,14 +65,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     args = p.parse_args(argv)
-    shape = (28, 28, 1)
+    shape = MODELS[args.model].input_shape
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(args.batch_size,) + shape).astype("float32")
     y = rng.integers(0, 10, args.batch_size).astype("int32")
     print(f"model={args.model} batch={args.batch_size} PGD-{args.attack_steps} c={args.connectivity} "
           f"rounds={args.rounds}x{args.steps} steps")
     print(f"{'objective':10s} {'dense ms':>9s} {'random ms':>10s} {'bcs ms':>8s} {'bcs/dense':>10s} "
-          f"{'random/dense':>13s}")
+          f"{'random/dense':>13s} {'sampler ms':>11s} {'sampler/bcs':>12s}")
     for objective in args.objectives.split(","):
         trainers = {m: make_trainer(args.model, m, objective, args.connectivity, shape, args.attack_steps)
                     for m in METHODS}
@@ -69,8 +87,10 @@ def main(argv=None):
                     trainer.train_on_batch(x, y)
                     times[m].append(time.perf_counter() - t)
         med = {m: 1000 * statistics.median(v) for m, v in times.items()}
+        sampler = sampler_ms(trainers["bcs"], args.rounds * args.steps)
         print(f"{objective:10s} {med['dense']:9.1f} {med['random']:10.1f} {med['bcs']:8.1f} "
-              f"{med['bcs'] / med['dense']:10.3f} {med['random'] / med['dense']:13.3f}", flush=True)
+              f"{med['bcs'] / med['dense']:10.3f} {med['random'] / med['dense']:13.3f} {sampler:11.2f} "
+              f"{sampler / med['bcs']:12.3f}", flush=True)
 
 
 if __name__ == "__main__":
