@@ -173,6 +173,49 @@ TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped")
 DATASETS = ("fashion_mnist", *TFDS_DATASETS, "synthetic")
 
 
+def labelled_split(x, y, fraction):
+    """``(labelled, unlabelled)`` parts of a (validation-split, already shuffled) training set.
+
+    The first ``fraction`` keeps its labels; the rest is the unlabelled pool of the semi-supervised setting.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"labelled fraction must be in (0, 1]. Received: labelled_fraction={fraction}")
+    n = max(1, int(round(fraction * len(x))))
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+def load_extra_data(path):
+    """Pseudo-labelled extra data ``(x, y)`` from an ``.npz`` with arrays ``x`` (NHWC in [0, 1]) and ``y``."""
+    try:
+        with np.load(path) as f:
+            x, y = f["x"].astype(np.float32), f["y"].astype(np.int32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read extra data {path} (need an .npz with arrays x and y): {exc}") from None
+    if len(x) != len(y) or x.ndim != 4 or not len(x):
+        raise DataError(f"extra data {path}: x must be (N, H, W, C) and y (N,); got {x.shape} and {y.shape}")
+    return x, y
+
+
+def extra_per_batch(batch_size, extra_fraction):
+    """Number of extra (pseudo-labelled) examples in each mixed batch of ``batch_size``."""
+    if not 0.0 < extra_fraction < 1.0:
+        raise ConfigError(f"extra fraction must be in (0, 1). Received: extra_fraction={extra_fraction}")
+    return min(batch_size - 1, max(1, int(round(extra_fraction * batch_size))))
+
+
+def make_mixed_pipeline(x, y, x_extra, y_extra, batch_size, extra_fraction, seed=0, augment=None):
+    """Batches of (1 − f)·B labelled and f·B extra examples (RST); one epoch = one pass over the labelled data."""
+    n_extra = extra_per_batch(batch_size, extra_fraction)
+    labelled = make_pipeline(x, y, batch_size - n_extra, shuffle=True, seed=seed, drop_remainder=True)
+    extra = tf.data.Dataset.from_tensor_slices((x_extra, y_extra)).shuffle(len(x_extra), seed=seed + 1)
+    extra = extra.repeat().batch(n_extra, drop_remainder=True)
+    ds = tf.data.Dataset.zip((labelled, extra)).map(
+        lambda a, b: (tf.concat([a[0], b[0]], 0), tf.concat([a[1], b[1]], 0)))
+    if augment is not None:
+        ds = ds.map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
 def default_augment(name):
     """Whether ``name`` is trained with the authors' augmentation by default (the CIFAR-style sets)."""
     return name in TFDS_DATASETS

@@ -129,11 +129,19 @@ class Mart:
         return loss_adv + self.beta * robust, logits_nat, logits_adv
 
 
-OBJECTIVES = {"natural": Natural, "at": MadryAT, "mat": MixedBatchAT, "trades": Trades, "mart": Mart}
+@dataclasses.dataclass(frozen=True)
+class Rst(Trades):
+    """RST (Carmon et al. 2019): the TRADES loss on batches mixing labelled and pseudo-labelled data."""
+
+    name = "rst"
+
+
+OBJECTIVES = {"natural": Natural, "at": MadryAT, "mat": MixedBatchAT, "trades": Trades, "mart": Mart,
+              "rst": Rst}
 
 
 def make_objective(name, beta=6.0):
-    """Objective instance by name (``natural``, ``at``, ``mat``, ``trades``, ``mart``)."""
+    """Objective instance by name (``natural``, ``at``, ``mat``, ``trades``, ``mart``, ``rst``)."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective; choose one of {sorted(OBJECTIVES)}. Received: objective={name!r}")
     cls = OBJECTIVES[name]

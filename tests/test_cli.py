@@ -125,3 +125,22 @@ def test_one_step_on_each_tfds_dataset(tmp_path, dataset):
                      "--out", str(out)] + (["--no-flip"] if dataset == "svhn_cropped" else [])) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["config"]["dataset"] == dataset
+
+
+def test_rst_pseudolabel_round_trip(tmp_path, capsys):
+    from training.pseudolabel import main as pseudolabel_main
+
+    teacher = tmp_path / "teacher"
+    assert main(FAST + ["--max-steps", "2", "--labelled-fraction", "0.25", "--out", str(teacher)]) == 0
+    pool = tmp_path / "pool.npz"
+    assert pseudolabel_main([str(teacher), "--out", str(pool)]) == 0
+    with np.load(pool) as f:
+        assert len(f["x"]) == len(f["y"]) == len(f["y_true"]) == 896 - 224
+    assert "pseudo-label accuracy" in capsys.readouterr().out
+    student = tmp_path / "student"
+    assert main(FAST + ["--epochs", "1", "--objective", "rst", "--labelled-fraction", "0.25", "--extra-data",
+                        str(pool), "--extra-fraction", "0.5", "--batch-size", "32", "--out", str(student)]) == 0
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert metrics["steps"] == 224 // 16  # one pass over the labelled quarter, 16 labelled + 16 extra per batch
+    assert main(FAST + ["--objective", "rst", "--out", str(tmp_path / "x")]) == 2  # rst needs --extra-data
+    assert "--extra-data" in capsys.readouterr().err

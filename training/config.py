@@ -27,6 +27,9 @@ class RunConfig:
     budget: str = "global"
     dataset: str = "fashion_mnist"
     data_dir: typing.Optional[str] = None
+    labelled_fraction: float = 1.0
+    extra_data: typing.Optional[str] = None
+    extra_fraction: float = 0.5
     augment: str = "auto"  # auto: on for cifar10/cifar100/svhn_cropped (authors), off otherwise
     no_flip: bool = False
     model: str = "small_cnn"
@@ -80,6 +83,12 @@ class RunConfig:
             bad("max_steps", "must be ≥ 1")
         if self.eval_restarts < 1:
             bad("eval_restarts", "must be ≥ 1")
+        if not 0.0 < self.labelled_fraction <= 1.0:
+            bad("labelled_fraction", "must be in (0, 1]")
+        if not 0.0 < self.extra_fraction < 1.0:
+            bad("extra_fraction", "must be in (0, 1)")
+        if (self.objective == "rst") != (self.extra_data is not None):
+            bad("extra_data", "is required by --objective rst and used only by it")
         if self.objective != "natural" and self.attack_steps < 1:
             bad("attack_steps", f"objective {self.objective} needs at least one attack step")
 

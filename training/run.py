@@ -23,7 +23,8 @@ import keras  # noqa: E402
 
 from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint  # noqa: E402
 from bcs_tf.connectivity import connectivity_report  # noqa: E402
-from bcs_tf.data import augmenter, load_dataset, make_pipeline  # noqa: E402
+from bcs_tf.data import (augmenter, extra_per_batch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
+                         make_mixed_pipeline, make_pipeline)  # noqa: E402
 from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
 from bcs_tf.evaluation import robust_accuracy  # noqa: E402
 from bcs_tf.models import build_model  # noqa: E402
@@ -46,7 +47,8 @@ def parse_args(argv=None):
             p.add_argument(flag, action="store_true")
             continue
         kind = {"connectivity": float, "lr": float, "momentum": float, "weight_decay": float, "eps": float,
-                "attack_step_size": float, "beta": float, "alpha": float, "temperature": float}.get(field.name)
+                "attack_step_size": float, "beta": float, "alpha": float, "temperature": float,
+                "labelled_fraction": float, "extra_fraction": float}.get(field.name)
         if kind is None:
             kind = int if isinstance(default, int) or field.name == "max_steps" else str
         p.add_argument(flag, type=kind, default=default)
@@ -132,7 +134,13 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
     net, allocation = build_model(cfg.model, cfg.method, cfg.connectivity, cfg.budget, cfg.seed,
                                   data.input_shape, data.num_classes)
-    steps_per_epoch = math.ceil(len(data.x_train) / cfg.batch_size)
+    (x_train, y_train), _ = labelled_split(data.x_train, data.y_train, cfg.labelled_fraction)
+    if cfg.extra_data:
+        steps_per_epoch = len(x_train) // (cfg.batch_size - extra_per_batch(cfg.batch_size, cfg.extra_fraction))
+    else:
+        steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--batch-size {cfg.batch_size} leaves no full batch of the {len(x_train)} labelled examples")
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
                                                                                  cfg.epochs * steps_per_epoch)
     trainer = RobustTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation=allocation,
@@ -155,8 +163,13 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     epochs = min(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
     # A resumed run gets a fresh shuffle order (seeded by the epoch it starts at).
     augment = augmenter(flip=not cfg.no_flip, seed=cfg.seed) if cfg.augmented else None
-    train_ds = make_pipeline(data.x_train, data.y_train, cfg.batch_size, shuffle=True, seed=cfg.seed + initial_epoch,
-                             augment=augment)
+    if cfg.extra_data:  # RST: every batch mixes labelled and pseudo-labelled examples
+        x_extra, y_extra = load_extra_data(cfg.extra_data)
+        train_ds = make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
+                                       seed=cfg.seed + initial_epoch, augment=augment)
+    else:
+        train_ds = make_pipeline(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed + initial_epoch,
+                                 augment=augment)
     val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
     if initial_epoch < epochs:
         trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, validation_data=val_ds, shuffle=False,
