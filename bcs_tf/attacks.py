@@ -46,7 +46,8 @@ def _random_start(x, eps, norm, seed):
     if norm == "linf":
         return keras.random.uniform(tf.shape(x), -eps, eps, seed=seed)
     direction = keras.random.normal(tf.shape(x), seed=seed)
-    radius = eps * keras.random.uniform([tf.shape(x)[0]], seed=seed) ** (1.0 / tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32))
+    dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
+    radius = eps * keras.random.uniform([tf.shape(x)[0]], seed=seed) ** (1.0 / dims)  # uniform in the L2 ball
     return direction / _batch_norm(direction) * tf.reshape(radius, [-1] + [1] * (len(x.shape) - 1))
 
 

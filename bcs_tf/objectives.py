@@ -56,15 +56,21 @@ class MadryAT:
 
 
 @dataclasses.dataclass(frozen=True)
-class Trades:
-    """TRADES (Zhang et al. 2019): CE(x) + β·KL(p(x) ‖ p(x_adv)), x_adv maximising the KL term."""
+class _RobustnessWeighted:
+    """Objectives with a weight β on their robustness (KL) term."""
 
     beta: float = 6.0
-    name = "trades"
 
     def __post_init__(self):
         if self.beta < 0:
             raise ConfigError(f"beta must be ≥ 0. Received: beta={self.beta}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trades(_RobustnessWeighted):
+    """TRADES (Zhang et al. 2019): CE(x) + β·KL(p(x) ‖ p(x_adv)), x_adv maximising the KL term."""
+
+    name = "trades"
 
     def adversarial(self, predict, x, y, attack, seed=None):
         logits_nat = tf.stop_gradient(predict(x))
@@ -98,15 +104,10 @@ class MixedBatchAT:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mart:
+class Mart(_RobustnessWeighted):
     """MART (Wang et al. 2020): boosted CE on x_adv + β·KL(p(x) ‖ p(x_adv))·(1 − p_y(x))."""
 
-    beta: float = 6.0
     name = "mart"
-
-    def __post_init__(self):
-        if self.beta < 0:
-            raise ConfigError(f"beta must be ≥ 0. Received: beta={self.beta}")
 
     def adversarial(self, predict, x, y, attack, seed=None):
         start = x + 0.001 * keras.random.normal(tf.shape(x), seed=seed)

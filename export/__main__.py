@@ -17,7 +17,6 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bcs_tf  # noqa: E402,F401  (registers the sparse layers for load_model)
@@ -27,7 +26,7 @@ from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
 from bcs_tf.layers import sparse_layers  # noqa: E402
 from export import onnx_export, tflite, tflite_sparse, verify  # noqa: E402
 from export.strip import kernel_nonzeros, strip_model  # noqa: E402
-from training.config import RunConfig  # noqa: E402
+from training.config import load_finished_run  # noqa: E402
 
 FORMATS = ("keras", "tflite", "onnx")
 
@@ -56,18 +55,8 @@ def parse_args(argv=None):
 
 def load_run(run_dir):
     """(model, config, claimed budget) of a run directory; refuses runs whose sparsity is not as claimed."""
-    run_dir = pathlib.Path(run_dir)
-    model_path, config_path = run_dir / "model.keras", run_dir / "config.json"
-    if not model_path.is_file():
-        raise CheckpointError(f"{run_dir} has no model.keras (is it a finished `training.run` output?)")
-    try:
-        cfg = RunConfig.from_dict(json.loads(config_path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"cannot read {config_path}: {exc}") from None
-    try:
-        model = keras.models.load_model(model_path)
-    except Exception as exc:  # Keras raises many kinds for a damaged archive
-        raise CheckpointError(f"cannot load {model_path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    cfg, model = load_finished_run(run_dir)
+    model_path = pathlib.Path(run_dir) / "model.keras"
     layers = sparse_layers(model)
     if cfg.sparse:
         sizes = [layer.kernel_size_total for layer in layers]

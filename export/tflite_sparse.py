@@ -130,15 +130,12 @@ def compact(model_bytes):
     densify = None
     for sg in model.subgraphs:
         keep = set(sg.inputs) | set(sg.outputs)
-        consumers = {}
-        for op_index, op in enumerate(sg.operators):
-            for i in op.inputs:
-                consumers.setdefault(int(i), []).append(op_index)
         new_ops = []
-        for op_index, op in enumerate(sg.operators):
+        for op in sg.operators:
             for slot, t_index in enumerate(op.inputs):
                 t = sg.tensors[t_index] if t_index >= 0 else None
-                if t is None or t.sparsity is None or not len(t.sparsity.blockMap if t.sparsity.blockMap is not None else []):
+                block_map = t.sparsity.blockMap if t is not None and t.sparsity is not None else None
+                if block_map is None or not len(block_map):
                     continue
                 buf = model.buffers[t.buffer]
                 dense = decode_sparse(t, buf.data)

@@ -1,5 +1,4 @@
 import json
-import pathlib
 
 import keras
 import numpy as np

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 import typing
 
 from bcs_tf.attacks import AttackConfig
 from bcs_tf.connectivity import BUDGET_MODES, temperature_from_sigma
 from bcs_tf.data import DATASETS, default_augment
-from bcs_tf.errors import ConfigError
+from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.models import METHODS, MODELS
 from bcs_tf.objectives import OBJECTIVES
 
@@ -130,3 +132,24 @@ class RunConfig:
         """Inverse of :meth:`to_dict` (derived keys are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load_finished_run(run_dir):
+    """``(RunConfig, model)`` of a directory written by ``training.run``; CheckpointError when it is not one."""
+    import keras
+
+    import bcs_tf  # noqa: F401  (registers the sparse layers for load_model)
+
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / "model.keras").is_file():
+        raise CheckpointError(f"{run_dir} has no model.keras (is it a finished `training.run` output?)")
+    try:
+        cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {exc}") from None
+    try:
+        model = keras.models.load_model(run_dir / "model.keras")
+    except Exception as exc:  # Keras raises many kinds for a damaged archive
+        raise CheckpointError(f"cannot load {run_dir / 'model.keras'}: {type(exc).__name__}: {str(exc)[:200]}") \
+            from None
+    return cfg, model

@@ -31,8 +31,8 @@ from art.estimators.classification import TensorFlowV2Classifier  # noqa: E402
 import bcs_tf  # noqa: E402,F401  (registers the sparse layers)
 from bcs_tf.attacks import fgsm, pgd_restarts  # noqa: E402
 from bcs_tf.data import load_dataset  # noqa: E402
-from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
-from training.config import RunConfig  # noqa: E402
+from bcs_tf.errors import BcsError, ConfigError  # noqa: E402
+from training.config import load_finished_run  # noqa: E402
 
 ORDER = ("clean", "fgsm", "pgd50", "pgd100", "autoattack")
 TABLE_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-100", "pgd100"),
@@ -212,11 +212,7 @@ def evaluate(args):
         raise ConfigError(f"{out_json} exists; pass --overwrite to replace it")
     if args.restarts < 1 or args.batch_size < 1 or (args.n_examples is not None and args.n_examples < 1):
         raise ConfigError("--restarts, --batch-size and --n-examples must be ≥ 1")
-    try:
-        cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        net = keras.models.load_model(run_dir / "model.keras")
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{run_dir} is not a finished training run: {str(exc)[:200]}") from None
+    cfg, net = load_finished_run(run_dir)
     eps = cfg.eps if args.eps is None else args.eps
     if eps < 0:
         raise ConfigError(f"--eps must be ≥ 0. Received: {eps}")

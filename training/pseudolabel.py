@@ -10,20 +10,18 @@ the pseudo-labels ``y`` (and ``y_true`` when the pool came from the labelled dat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bcs_tf  # noqa: E402,F401  (registers the sparse layers)
 from bcs_tf.data import labelled_split, load_dataset  # noqa: E402
-from bcs_tf.errors import BcsError, CheckpointError, ConfigError, DataError  # noqa: E402
-from training.config import RunConfig  # noqa: E402
+from bcs_tf.errors import BcsError, ConfigError, DataError  # noqa: E402
+from training.config import load_finished_run  # noqa: E402
 
 
 def pseudo_label(model, x, batch_size=512):
@@ -46,12 +44,7 @@ def main(argv=None):
         out = pathlib.Path(args.out)
         if out.exists() and not args.overwrite:
             raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
-        run_dir = pathlib.Path(args.run_dir)
-        try:
-            cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-            model = keras.models.load_model(run_dir / "model.keras")
-        except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{run_dir} is not a finished training run: {str(exc)[:200]}") from None
+        cfg, model = load_finished_run(args.run_dir)
         extra = {}
         if args.pool:
             try:
