@@ -8,10 +8,12 @@ are *dormant*: they contribute exactly zero and get zero gradient. The layers ar
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from bcs_tf.errors import ConfigError
@@ -60,9 +62,13 @@ class SparseKernelMixin:
         )
         self.fan_in = fan_in
 
+    _kernel_override = None
+
     @property
     def kernel(self):
         """The effective kernel γ·max(0, θ); dormant entries are exactly zero."""
+        if self._kernel_override is not None:
+            return self._kernel_override
         return self.sign * ops.relu(self.theta)
 
     @property
@@ -184,6 +190,24 @@ def _pair(value):
     if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
         raise ConfigError(f"expected an int or a pair of positive ints. Received: {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def frozen_kernels(model):
+    """Compute every sparse layer's effective kernel once and reuse it inside the block.
+
+    For code that needs no gradient with respect to θ, such as the attack inside a training step: its
+    10–100 forward/backward passes then read one precomputed tensor per layer instead of re-deriving
+    γ·max(0, θ) on every pass (the dense-equivalent cost of the sparse layers).
+    """
+    layers = sparse_layers(model)
+    for layer in layers:
+        layer._kernel_override = tf.stop_gradient(layer.sign * ops.relu(layer.theta))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._kernel_override = None
 
 
 def sparse_layers(model):

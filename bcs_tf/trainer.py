@@ -12,7 +12,7 @@ import tensorflow as tf
 from bcs_tf.attacks import AttackConfig, pgd
 from bcs_tf.connectivity import ConnectivitySampler
 from bcs_tf.errors import ConfigError
-from bcs_tf.layers import sparse_layers
+from bcs_tf.layers import frozen_kernels, sparse_layers
 
 
 class RobustTrainer(keras.Model):
@@ -74,7 +74,8 @@ class RobustTrainer(keras.Model):
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x_adv = self.objective.adversarial(self._predict, x, y, self.attack, seed=self.attack_seed)
+        with frozen_kernels(self.net):  # the attack needs no gradient w.r.t. θ
+            x_adv = self.objective.adversarial(self._predict, x, y, self.attack, seed=self.attack_seed)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             loss, logits_nat, logits_adv = self.objective.loss(self._forward, x, y, x_adv)
@@ -103,7 +104,8 @@ class RobustTrainer(keras.Model):
         self.clean_acc.update_state(y, logits)
         a = self.eval_attack
         if a.steps > 0 and a.eps > 0:
-            x_adv = pgd(self._predict, x, y, a.eps, a.step_size, a.steps, norm=a.norm, rand_init=True,
-                        clip_min=a.clip_min, clip_max=a.clip_max, seed=self.attack_seed)
+            with frozen_kernels(self.net):
+                x_adv = pgd(self._predict, x, y, a.eps, a.step_size, a.steps, norm=a.norm, rand_init=True,
+                            clip_min=a.clip_min, clip_max=a.clip_max, seed=self.attack_seed)
             self.robust_acc.update_state(y, self._predict(x_adv))
         return {m.name: m.result() for m in self.metrics[1:]}

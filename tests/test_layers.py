@@ -51,3 +51,18 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
         np.testing.assert_array_equal(np.asarray(a.theta), np.asarray(b.theta))
         np.testing.assert_array_equal(np.asarray(a.sign), np.asarray(b.sign))
     assert isinstance(loaded.get_layer("c1"), bcs_tf.SparseConv2D)
+
+
+def test_frozen_kernels_reuse_the_effective_kernel_and_restore_it():
+    from bcs_tf.layers import frozen_kernels
+
+    net = tiny_sparse_net()
+    x = np.random.default_rng(2).uniform(size=(4, 8, 8, 1)).astype("float32")
+    live = np.asarray(net(x))
+    with frozen_kernels(net):
+        np.testing.assert_array_equal(np.asarray(net(x)), live)
+        layer = sparse_layers(net)[0]
+        layer.theta.assign(layer.theta * 2.0)  # the frozen copy does not follow θ inside the block
+        np.testing.assert_array_equal(np.asarray(net(x)), live)
+    assert all(l._kernel_override is None for l in sparse_layers(net))
+    assert not np.array_equal(np.asarray(net(x)), live)
