@@ -76,3 +76,11 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
     assert "--overwrite" in capsys.readouterr().err
     assert eval_main([str(run), "--attacks", "clean,cw", "--overwrite", "--verbose", "0"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+
+
+def test_brendel_bethge_runs_with_starting_points_and_is_no_weaker_than_clean():
+    model, x, y = _model(masked=False)
+    ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, verbose=0, bb_steps=20)
+    acc_bb, _ = ev.run("bb", x, y)
+    acc_clean, _ = ev.run("clean", x, y)
+    assert acc_bb <= acc_clean
