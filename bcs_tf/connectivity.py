@@ -17,7 +17,6 @@ together with θ and its slots instead of dying, which is exactly SGD on an unco
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 import numpy as np
@@ -231,11 +230,6 @@ class ConnectivitySampler:
 
         tf.cond(missing > 0, grow, lambda: missing)
 
-    def counts(self):
-        """Active count per layer (Python ints, eager)."""
-        return [layer.active_count() for layer in self.layers]
-
-
 def connectivity_report(model):
     """Per-layer and global measured connectivity of ``model``'s sparse layers (a JSON-friendly dict)."""
     layers = sparse_layers(model)
@@ -256,8 +250,3 @@ def connectivity_report(model):
 def temperature_from_sigma(sigma, learning_rate):
     """Temperature T whose SGLD noise sqrt(2ηT) equals the authors' η·σ at learning rate η."""
     return learning_rate * sigma ** 2 / 2.0
-
-
-def sigma_from_temperature(temperature, learning_rate):
-    """Inverse of :func:`temperature_from_sigma`."""
-    return math.sqrt(2.0 * temperature / learning_rate) if learning_rate > 0 else 0.0
