@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from bcs_tf.data import synthetic_arrays
-from training.evaluate import Evaluator, markdown_table, order_check
+from training.evaluate import Evaluator, VectorisedDLRLoss, markdown_table, order_check
 
 
 def _quantize(x):
@@ -74,6 +74,13 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
     assert "| Clean |" in (run / "eval.md").read_text()
     assert eval_main(flags) == 2  # eval.json exists
     assert "--overwrite" in capsys.readouterr().err
+    saved = json.loads((run / "eval.json").read_text())["attacks"]
+    assert eval_main(flags[:2] + ["clean,fgsm,pgd5,apgd-ce,fgsm"] + flags[3:] + ["--resume"]) == 0
+    assert "kept from" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["attacks"] == saved  # nothing recomputed
+    assert eval_main(flags + ["--resume", "--eps", "0.2"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert json.loads((run / "eval.json").read_text())["attacks"] == saved  # a refused resume writes nothing
     assert eval_main([str(run), "--attacks", "clean,cw", "--overwrite", "--verbose", "0"]) == 2
     assert "unknown attack" in capsys.readouterr().err
 
@@ -84,3 +91,40 @@ def test_brendel_bethge_runs_with_starting_points_and_is_no_weaker_than_clean():
     acc_bb, _ = ev.run("bb", x, y)
     acc_clean, _ = ev.run("clean", x, y)
     assert acc_bb <= acc_clean
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_vectorised_dlr_loss_equals_arts(reduction):
+    import numpy as np
+    from art.attacks.evasion import AutoProjectedGradientDescent
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(10)])
+    classifier = TensorFlowV2Classifier(model, nb_classes=10, input_shape=(4,),
+                                        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    arts = AutoProjectedGradientDescent(classifier, loss_type="difference_logits_ratio").estimator._loss_object
+    ours = VectorisedDLRLoss()
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(64, 10)), tf.float32)
+    labels = rng.integers(0, 10, 64)
+    labels[:16] = np.argmax(logits[:16], 1)  # the label is the top class for some rows, not for others
+    onehot = tf.one_hot(labels, 10)
+    arts.reduction = ours.reduction = reduction
+    np.testing.assert_allclose(ours(onehot, logits), arts(onehot, logits), rtol=1e-5)
+
+
+def test_standard_autoattack_reuses_its_components_and_is_the_worst_case():
+    import numpy as np
+
+    model, x, y = _model(masked=False)
+    ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, square_queries=100, verbose=0)
+    results = {name: ev.run(name, x, y)[0] for name in ("clean", "apgd-ce", "apgd-t")}
+    ran = []
+    original = ev.resolve
+    ev.resolve = lambda name: ran.append(name) or original(name)
+    aa, _ = ev.run("autoattack", x, y)
+    assert ran == ["square"]  # APGD-CE and APGD-T outcomes were reused
+    assert aa <= min(results.values())
+    robust = ev._outcomes["autoattack"][0]
+    for name in ("apgd-ce", "apgd-t"):
+        assert not np.any(robust & ~ev._outcomes[name][0])
