@@ -40,11 +40,13 @@ class LayerFactory:
                                    kernel_initializer=keras.initializers.HeNormal(self._seed()), name=name)
 
     def dense(self, units, name=None, tag="middle"):
-        """A fully connected layer with a dense bias."""
+        """A fully connected layer with a dense bias; the output layer computes in float32 under mixed precision."""
         self.tags[name] = tag
+        dtype = "float32" if tag == "output" else None
         if self.sparse:
-            return SparseDense(units, connectivity=self.connectivity, seed=self._seed(), name=name)
-        return keras.layers.Dense(units, kernel_initializer=keras.initializers.HeNormal(self._seed()), name=name)
+            return SparseDense(units, connectivity=self.connectivity, seed=self._seed(), name=name, dtype=dtype)
+        return keras.layers.Dense(units, kernel_initializer=keras.initializers.HeNormal(self._seed()), name=name,
+                                  dtype=dtype)
 
 
 def bn_relu(x, name):

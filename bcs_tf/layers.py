@@ -116,7 +116,7 @@ class SparseDense(SparseKernelMixin, keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: in_dim})
 
     def call(self, inputs):
-        y = ops.matmul(inputs, self.kernel)
+        y = ops.matmul(inputs, ops.cast(self.kernel, inputs.dtype))  # bf16/fp16 compute under mixed precision
         return y + self.bias if self.bias is not None else y
 
     def compute_output_shape(self, input_shape):
@@ -163,7 +163,7 @@ class SparseConv2D(SparseKernelMixin, keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: c_in})
 
     def call(self, inputs):
-        y = ops.conv(inputs, self.kernel, strides=self.strides, padding=self.padding)
+        y = ops.conv(inputs, ops.cast(self.kernel, inputs.dtype), strides=self.strides, padding=self.padding)
         return y + self.bias if self.bias is not None else y
 
     def compute_output_shape(self, input_shape):

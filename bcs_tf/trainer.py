@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from keras import ops
 
 from bcs_tf.attacks import AttackConfig, pgd
 from bcs_tf.connectivity import ConnectivitySampler
@@ -66,11 +67,12 @@ class RobustTrainer(keras.Model):
             self.sampler.bind_optimizer(self.optimizer)
         self._theta_ids = {id(layer.theta) for layer in sparse_layers(self.net)}
 
+    # Logits in float32 whatever the compute dtype: losses and attack gradients need the precision.
     def _predict(self, x):
-        return self.net(x, training=False)
+        return ops.cast(self.net(x, training=False), "float32")
 
     def _forward(self, x):
-        return self.net(x, training=True)
+        return ops.cast(self.net(x, training=True), "float32")
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)

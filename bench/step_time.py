@@ -1,9 +1,12 @@
 """Median compiled training-step time of dense, random-static and BCS training (not a test).
 
-For each objective, the three trainers are timed in interleaved rounds on the same batch, so machine load
-affects them alike; the ratio BCS/dense is measured within one run. Target: BCS/dense ≤ 1.05.
+For each objective, the trainers are timed in interleaved rounds on the same batch, so machine load
+affects them alike; ratios are measured within one run. Target: BCS/dense ≤ 1.05. ``--precision
+float32,mixed_bfloat16`` times both compute precisions; ``--eager-steps N`` adds the BCS step executed
+eagerly (how research code without ``tf.function`` runs it) as a baseline.
 
     python -m bench.step_time [--model small_cnn] [--objectives at,trades] [--rounds 5] [--steps 10]
+                              [--precision float32] [--eager-steps 0]
 """
 
 from __future__ import annotations
@@ -20,19 +23,21 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bcs_tf.attacks import AttackConfig  # noqa: E402
-from bcs_tf.models import MODELS, build_model  # noqa: E402
+from bcs_tf.models import MODELS, PRECISIONS, build_model  # noqa: E402
 from bcs_tf.objectives import make_objective  # noqa: E402
 from bcs_tf.trainer import RobustTrainer  # noqa: E402
 
 METHODS = ("dense", "random", "bcs")
 
 
-def make_trainer(model, method, objective, connectivity, input_shape, attack_steps):
-    """A compiled trainer as ``training.run`` builds it (authors' SGD settings, σ = 1e-6 noise)."""
-    net, alloc = build_model(model, method, connectivity, "global", 0, input_shape, 10)
+def make_trainer(model, method, objective, connectivity, input_shape, attack_steps, precision="float32",
+                 eager=False):
+    """A compiled (or eager) trainer as ``training.run`` builds it (authors' SGD settings, σ = 1e-6 noise)."""
+    net, alloc = build_model(model, method, connectivity, "global", 0, input_shape, 10, precision=precision)
     trainer = RobustTrainer(net, make_objective(objective), AttackConfig(0.1, 0.025, attack_steps),
                             allocation=alloc, rewire=method == "bcs", temperature=0.1 * 1e-12 / 2)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=5e-3), jit_compile=False)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=5e-3), jit_compile=False,
+                    run_eagerly=eager)
     trainer.prepare()
     return trainer
 
@@ -55,42 +60,62 @@ def sampler_ms(trainer, repeats):
 
 
 def main(argv=None):
-    """Print per-method median step times (ms) and the BCS/dense ratio for each objective."""
+    """Print per-method median step times (ms) and the ratios for each objective and precision."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--model", default="small_cnn", choices=sorted(MODELS))
     p.add_argument("--objectives", default="at,trades")
     p.add_argument("--connectivity", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--attack-steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    p.add_argument("--precision", default="float32", help=f"comma-separated, from {', '.join(PRECISIONS)}")
+    p.add_argument("--eager-steps", type=int, default=0, help="timed steps of the eager BCS baseline (0: off)")
     args = p.parse_args(argv)
+    precisions = [q for q in args.precision.split(",") if q]
+    if not precisions or any(q not in PRECISIONS for q in precisions):
+        p.error(f"--precision: choose from {', '.join(PRECISIONS)}")
     shape = MODELS[args.model].input_shape
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(args.batch_size,) + shape).astype("float32")
     y = rng.integers(0, 10, args.batch_size).astype("int32")
     print(f"model={args.model} batch={args.batch_size} PGD-{args.attack_steps} c={args.connectivity} "
           f"rounds={args.rounds}x{args.steps} steps")
-    print(f"{'objective':10s} {'dense ms':>9s} {'random ms':>10s} {'bcs ms':>8s} {'bcs/dense':>10s} "
-          f"{'random/dense':>13s} {'sampler ms':>11s} {'sampler/bcs':>12s}")
+    print(f"{'objective':10s} {'precision':15s} {'dense ms':>9s} {'random ms':>10s} {'bcs ms':>8s} "
+          f"{'bcs/dense':>10s} {'random/dense':>13s} {'sampler ms':>11s} {'sampler/bcs':>12s} "
+          f"{'bcs/fp32 bcs':>13s}")
     for objective in args.objectives.split(","):
-        trainers = {m: make_trainer(args.model, m, objective, args.connectivity, shape, args.attack_steps)
-                    for m in METHODS}
+        trainers = {(m, q): make_trainer(args.model, m, objective, args.connectivity, shape, args.attack_steps, q)
+                    for q in precisions for m in METHODS}
         for trainer in trainers.values():  # trace and warm up
             for _ in range(3):
                 trainer.train_on_batch(x, y)
-        times = {m: [] for m in METHODS}
+        times = {key: [] for key in trainers}
         for _ in range(args.rounds):
-            for m, trainer in trainers.items():
+            for key, trainer in trainers.items():
                 for _ in range(args.steps):
                     t = time.perf_counter()
                     trainer.train_on_batch(x, y)
-                    times[m].append(time.perf_counter() - t)
-        med = {m: 1000 * statistics.median(v) for m, v in times.items()}
-        sampler = sampler_ms(trainers["bcs"], args.rounds * args.steps)
-        print(f"{objective:10s} {med['dense']:9.1f} {med['random']:10.1f} {med['bcs']:8.1f} "
-              f"{med['bcs'] / med['dense']:10.3f} {med['random'] / med['dense']:13.3f} {sampler:11.2f} "
-              f"{sampler / med['bcs']:12.3f}", flush=True)
+                    times[key].append(time.perf_counter() - t)
+        med = {key: 1000 * statistics.median(v) for key, v in times.items()}
+        for q in precisions:
+            d, r, b = med[("dense", q)], med[("random", q)], med[("bcs", q)]
+            sampler = sampler_ms(trainers[("bcs", q)], args.rounds * args.steps)
+            vs32 = f"{b / med[('bcs', 'float32')]:13.3f}" if ("bcs", "float32") in med else f"{'-':>13s}"
+            print(f"{objective:10s} {q:15s} {d:9.1f} {r:10.1f} {b:8.1f} {b / d:10.3f} {r / d:13.3f} "
+                  f"{sampler:11.2f} {sampler / b:12.3f} {vs32}", flush=True)
+        if args.eager_steps > 0:
+            eager = make_trainer(args.model, "bcs", objective, args.connectivity, shape, args.attack_steps,
+                                 precisions[0], eager=True)
+            eager.train_on_batch(x, y)
+            eager_times = []
+            for _ in range(args.eager_steps):
+                t = time.perf_counter()
+                eager.train_on_batch(x, y)
+                eager_times.append(time.perf_counter() - t)
+            e = 1000 * statistics.median(eager_times)
+            print(f"{objective:10s} eager BCS step ({precisions[0]}): {e:.1f} ms; compiled BCS / eager: "
+                  + ", ".join(f"{q} {med[('bcs', q)] / e:.3f}" for q in precisions), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -62,3 +63,20 @@ def test_every_model_builds_with_the_exact_budget(name, c):
 def test_too_small_input_is_a_config_error():
     with pytest.raises(ConfigError, match="input"):
         build_model("vgg16", "bcs", 0.1, input_shape=(4, 4, 3))
+
+
+def test_mixed_bfloat16_model_computes_in_bfloat16_with_float32_variables_and_logits():
+    from bcs_tf.layers import sparse_layers
+
+    net, alloc = build_model("small_cnn", "bcs", 0.01, precision="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32"
+    layers = sparse_layers(net)
+    assert layers[0].compute_dtype == "bfloat16" and layers[-1].compute_dtype == "float32"
+    assert all(v.dtype == "float32" for v in net.weights)
+    assert sum(layer.active_count() for layer in layers) == alloc.budgets[0]
+    x = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype("float32")
+    logits = net(x)
+    assert logits.dtype == "float32"
+    net32, _ = build_model("small_cnn", "bcs", 0.01)
+    net32.set_weights(net.get_weights())
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(net32(x)), atol=0.1 * float(np.abs(logits).max()))

@@ -21,6 +21,7 @@ FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "
     (["--eps", "-0.1"], "--eps"),
     (["--budget", "both"], "--budget"),
     (["--method", "hydra"], "--method"),
+    (["--precision", "float8"], "--precision"),
 ])
 def test_bad_flags_give_a_one_line_error_naming_the_flag(tmp_path, capsys, flags, name):
     assert main(flags + ["--out", str(tmp_path / "run")]) == 2
@@ -144,3 +145,18 @@ def test_rst_pseudolabel_round_trip(tmp_path, capsys):
     assert metrics["steps"] == 224 // 16  # one pass over the labelled quarter, 16 labelled + 16 extra per batch
     assert main(FAST + ["--objective", "rst", "--out", str(tmp_path / "x")]) == 2  # rst needs --extra-data
     assert "--extra-data" in capsys.readouterr().err
+
+
+def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
+    import keras
+
+    import bcs_tf  # noqa: F401
+
+    out = tmp_path / "bf16"
+    assert main(FAST + ["--max-steps", "3", "--precision", "mixed_bfloat16", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
+    assert 0.0 <= metrics["test_pgd2_acc"] <= metrics["test_clean_acc"] <= 1.0
+    model = keras.models.load_model(out / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored

@@ -11,7 +11,7 @@ from bcs_tf.attacks import AttackConfig
 from bcs_tf.connectivity import BUDGET_MODES, temperature_from_sigma
 from bcs_tf.data import DATASETS, default_augment
 from bcs_tf.errors import CheckpointError, ConfigError
-from bcs_tf.models import METHODS, MODELS
+from bcs_tf.models import METHODS, MODELS, PRECISIONS
 from bcs_tf.objectives import OBJECTIVES
 
 AUTHORS_NOISE_SIGMA = 1e-6
@@ -37,6 +37,7 @@ class RunConfig:
     model: str = "small_cnn"
     epochs: int = 20
     batch_size: int = 128
+    precision: str = "float32"  # mixed_bfloat16: bfloat16 compute (AMX/AVX-512-BF16 CPUs, GPUs); saved model is float32
     optimizer: str = "sgd"
     lr: float = 0.1
     lr_schedule: str = "piecewise"
@@ -63,7 +64,7 @@ class RunConfig:
         choices = {"objective": sorted(OBJECTIVES), "method": METHODS, "budget": BUDGET_MODES,
                    "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean"),
                    "optimizer": OPTIMIZER_NAMES, "lr_schedule": SCHEDULE_NAMES,
-                   "augment": ("auto", "on", "off")}
+                   "augment": ("auto", "on", "off"), "precision": PRECISIONS}
         for flag, allowed in choices.items():
             if getattr(self, flag) not in allowed:
                 bad(flag, f"must be one of {', '.join(allowed)}")

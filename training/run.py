@@ -133,7 +133,7 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     t_start = time.time()
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
     net, allocation = build_model(cfg.model, cfg.method, cfg.connectivity, cfg.budget, cfg.seed,
-                                  data.input_shape, data.num_classes)
+                                  data.input_shape, data.num_classes, precision=cfg.precision)
     (x_train, y_train), _ = labelled_split(data.x_train, data.y_train, cfg.labelled_fraction)
     if cfg.extra_data:
         steps_per_epoch = len(x_train) // (cfg.batch_size - extra_per_batch(cfg.batch_size, cfg.extra_fraction))
@@ -178,6 +178,11 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
 
     if best_path.is_file():
         net.load_weights(best_path)
+    if cfg.precision != "float32":  # test and ship the trained weights at full precision
+        net32, _ = build_model(cfg.model, cfg.method, cfg.connectivity, cfg.budget, cfg.seed, data.input_shape,
+                               data.num_classes)
+        net32.set_weights(net.get_weights())
+        net = net32
     print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
     clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
                                     restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
