@@ -128,3 +128,12 @@ def test_standard_autoattack_reuses_its_components_and_is_the_worst_case():
     robust = ev._outcomes["autoattack"][0]
     for name in ("apgd-ce", "apgd-t"):
         assert not np.any(robust & ~ev._outcomes[name][0])
+
+
+def test_arts_autoattack_class_runs_and_breaks_examples():
+    model, x, y = _model(masked=False)
+    ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, square_queries=50, verbose=0,
+                   autoattack="art")
+    x, y = x[:32], y[:32]
+    aa, _ = ev.run("autoattack", x, y)
+    assert aa < ev.run("clean", x, y)[0]
