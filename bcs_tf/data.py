@@ -231,15 +231,29 @@ def augmenter(flip=True, seed=0):
     return keras.Sequential(layers)
 
 
-def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False, augment=None):
+def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False, augment=None, epochs=None):
     """A ``tf.data`` pipeline over in-memory arrays (reshuffled each epoch when ``shuffle``).
 
     ``augment``: an optional Keras preprocessing model (see :func:`augmenter`) applied per batch.
+    ``epochs=(first, stop)`` with ``shuffle``: one dataset holding epochs first … stop − 1, epoch e in an order
+    that is a stateless function of (seed, e), so a run resumed at epoch e sees exactly the batches of an
+    uninterrupted one (``fit`` then needs ``steps_per_epoch``).
     """
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if shuffle and epochs is not None:
+        xs, ys, n = tf.constant(x), tf.constant(y), len(x)
+
+        def one_epoch(e):
+            key = tf.stack([tf.constant(seed, tf.int64), e])
+            order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key)
+            batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
+            return batches.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+
+        ds = tf.data.Dataset.range(*epochs).flat_map(one_epoch)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if shuffle:
+            ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if augment is not None:
         ds = ds.map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

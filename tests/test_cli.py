@@ -160,3 +160,27 @@ def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
     model = keras.models.load_model(out / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
+def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    import training.run as run_module
+
+    class Killed(Exception):
+        pass
+
+    class KilledAfterFirstEpoch(run_module.EpochCheckpoint):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
+            raise Killed
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(FAST + ["--epochs", "2", "--out", str(whole)]) == 0
+    monkeypatch.setattr(run_module, "EpochCheckpoint", KilledAfterFirstEpoch)
+    with pytest.raises(Killed):
+        main(FAST + ["--epochs", "2", "--out", str(split)])
+    monkeypatch.undo()
+    assert main(FAST + ["--epochs", "2", "--out", str(split), "--resume"]) == 0
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (whole, split))
+    assert [{k: v for k, v in h.items() if "seconds" not in k} for h in a["history"]] == \
+        [{k: v for k, v in h.items() if "seconds" not in k} for h in b["history"]]
+    assert (a["test_clean_acc"], a["test_pgd2_acc"]) == (b["test_clean_acc"], b["test_pgd2_acc"])
