@@ -212,7 +212,7 @@ def make_mixed_pipeline(x, y, x_extra, y_extra, batch_size, extra_fraction, seed
     ds = tf.data.Dataset.zip((labelled, extra)).map(
         lambda a, b: (tf.concat([a[0], b[0]], 0), tf.concat([a[1], b[1]], 0)))
     if augment is not None:
-        ds = ds.map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _augment_with_random_keys(ds, augment, seed)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -221,32 +221,57 @@ def default_augment(name):
     return name in TFDS_DATASETS
 
 
-def augmenter(flip=True, seed=0):
-    """The authors' augmentation: random shifts up to ±10% (bilinear, nearest fill), horizontal flips."""
+def augment_batch(images, key, flip=True, max_shift=0.1):
+    """The authors' augmentation of a batch: random shifts up to ±``max_shift`` of the size (bilinear, nearest
+    fill) and, with ``flip``, horizontal flips with probability ½.
+
+    The draws are a stateless function of ``key`` (an int64 pair), so a resumed run can reproduce them; Keras'
+    RandomTranslation/RandomFlip keep their RNG state inside the input pipeline, where no checkpoint reaches.
+    The warp itself is ``keras.ops.image.affine_transform``, the op behind RandomTranslation.
+    """
     import keras
 
-    layers = [keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", interpolation="bilinear", seed=seed)]
+    n = tf.shape(images)[0]
+    height, width = images.shape[1], images.shape[2]
+    shift_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    shift = tf.random.stateless_uniform([n, 2], seed=shift_key, minval=-max_shift, maxval=max_shift)
+    shift = shift * tf.constant([width, height], images.dtype)
+    one, zero = tf.ones([n], images.dtype), tf.zeros([n], images.dtype)
+    transform = tf.stack([one, zero, -shift[:, 0], zero, one, -shift[:, 1], zero, zero], axis=1)
+    out = keras.ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="nearest")
     if flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed + 1))
-    return keras.Sequential(layers)
+        flipped = tf.random.stateless_uniform([n], seed=flip_key) < 0.5
+        out = tf.where(flipped[:, None, None, None], tf.reverse(out, axis=[2]), out)
+    return out
+
+
+def _augment_with_random_keys(ds, augment, seed):
+    keys = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip((ds, keys)).map(lambda batch, key: (augment(batch[0], key), batch[1]),
+                                               num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False, augment=None, epochs=None):
     """A ``tf.data`` pipeline over in-memory arrays (reshuffled each epoch when ``shuffle``).
 
-    ``augment``: an optional Keras preprocessing model (see :func:`augmenter`) applied per batch.
+    ``augment``: optional ``augment(images, key)`` applied per batch (see :func:`augment_batch`).
     ``epochs=(first, stop)`` with ``shuffle``: one dataset holding epochs first … stop − 1, epoch e in an order
-    that is a stateless function of (seed, e), so a run resumed at epoch e sees exactly the batches of an
-    uninterrupted one (``fit`` then needs ``steps_per_epoch``).
+    (and with augmentation draws) that is a stateless function of (seed, e), so a run resumed at epoch e sees
+    exactly the batches of an uninterrupted one (``fit`` then needs ``steps_per_epoch``).
     """
     if shuffle and epochs is not None:
         xs, ys, n = tf.constant(x), tf.constant(y), len(x)
+        fold_in = tf.random.experimental.stateless_fold_in
 
         def one_epoch(e):
-            key = tf.stack([tf.constant(seed, tf.int64), e])
-            order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key)
+            epoch_key = fold_in(tf.constant([seed, 0], tf.int64), e)
+            order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=epoch_key)
             batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_remainder=drop_remainder)
-            return batches.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+            if augment is None:
+                return batches.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+            return batches.enumerate().map(
+                lambda step, i: (augment(tf.gather(xs, i), fold_in(epoch_key, step)), tf.gather(ys, i)),
+                num_parallel_calls=tf.data.AUTOTUNE)
 
         ds = tf.data.Dataset.range(*epochs).flat_map(one_epoch)
     else:
@@ -254,6 +279,6 @@ def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False,
         if shuffle:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if augment is not None:
-        ds = ds.map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
+        if augment is not None:
+            ds = _augment_with_random_keys(ds, augment, seed)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -162,7 +162,8 @@ def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
 
 
-def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("augment", ["off", "on"])
+def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, augment):
     import training.run as run_module
 
     class Killed(Exception):
@@ -173,13 +174,14 @@ def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tm
             super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
             raise Killed
 
+    flags = FAST + ["--epochs", "2", "--augment", augment]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(FAST + ["--epochs", "2", "--out", str(whole)]) == 0
+    assert main(flags + ["--out", str(whole)]) == 0
     monkeypatch.setattr(run_module, "EpochCheckpoint", KilledAfterFirstEpoch)
     with pytest.raises(Killed):
-        main(FAST + ["--epochs", "2", "--out", str(split)])
+        main(flags + ["--out", str(split)])
     monkeypatch.undo()
-    assert main(FAST + ["--epochs", "2", "--out", str(split), "--resume"]) == 0
+    assert main(flags + ["--out", str(split), "--resume"]) == 0
     a, b = (json.loads((run / "metrics.json").read_text()) for run in (whole, split))
     assert [{k: v for k, v in h.items() if "seconds" not in k} for h in a["history"]] == \
         [{k: v for k, v in h.items() if "seconds" not in k} for h in b["history"]]

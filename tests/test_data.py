@@ -83,13 +83,27 @@ def test_tfds_failure_is_a_clear_data_error(monkeypatch):
         data.load_dataset("cifar10", data_dir="/nowhere")
 
 
-def test_augmentation_shifts_and_flips_within_range():
-    x = np.zeros((16, 32, 32, 3), "float32")
-    x[:, :, :16] = 1.0  # left half white: a flip or a shift changes it
-    aug = data.augmenter(flip=True, seed=0)
-    ds = data.make_pipeline(x, np.zeros(16, "int32"), 16, augment=aug)
-    out = next(iter(ds))[0].numpy()
+def test_augmentation_shifts_and_flips_within_range_and_is_keyed():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(64, 32, 32, 3)).astype("float32")
+    key, other = tf.constant([1, 2], tf.int64), tf.constant([1, 3], tf.int64)
+    out = data.augment_batch(tf.constant(x), key).numpy()
     assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0
     assert np.mean(np.abs(out - x)) > 0.01
-    no_flip = data.augmenter(flip=False, seed=0)
-    assert len(no_flip.layers) == 1
+    np.testing.assert_array_equal(out, data.augment_batch(tf.constant(x), key).numpy())  # same key, same draws
+    assert np.any(out != data.augment_batch(tf.constant(x), other).numpy())
+    # Without shifts every image is either untouched or exactly mirrored, and both happen.
+    flips = data.augment_batch(tf.constant(x), key, max_shift=0.0).numpy()
+    same = np.all(np.isclose(flips, x, atol=1e-6), axis=(1, 2, 3))
+    mirrored = np.all(np.isclose(flips, x[:, :, ::-1], atol=1e-6), axis=(1, 2, 3))
+    assert np.all(same | mirrored) and same.any() and mirrored.any()
+    np.testing.assert_allclose(data.augment_batch(tf.constant(x), key, flip=False, max_shift=0.0), x, atol=1e-6)
+    # A shift of at most 10% of 32 pixels moves content by ≤ 3.2 pixels: a one-pixel-wide bright column
+    # starting at column 16 ends up within columns 12..20.
+    bar = np.zeros((64, 32, 32, 1), "float32")
+    bar[:, :, 16] = 1.0
+    moved = data.augment_batch(tf.constant(bar), key, flip=False).numpy()
+    cols = np.flatnonzero(moved.max(axis=(0, 1, 3)) > 0.01)
+    assert cols.min() >= 12 and cols.max() <= 20

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import keras  # noqa: E402
 
 from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint  # noqa: E402
 from bcs_tf.connectivity import connectivity_report  # noqa: E402
-from bcs_tf.data import (augmenter, extra_per_batch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
+from bcs_tf.data import (augment_batch, extra_per_batch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
                          make_mixed_pipeline, make_pipeline)  # noqa: E402
 from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
 from bcs_tf.evaluation import robust_accuracy  # noqa: E402
@@ -161,10 +162,10 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
         callbacks.append(StopAfterSteps(cfg.max_steps))
     initial_epoch = state["epoch"] if state else 0
     epochs = min(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
-    # The plain pipeline's batch order depends only on (seed, epoch), so a resumed run trains on the same
-    # batches as an uninterrupted one; RST's mixed batches and the augmentation layers draw from RNG state that
-    # is not checkpointed (a resumed run reseeds them by the epoch it starts at).
-    augment = augmenter(flip=not cfg.no_flip, seed=cfg.seed + 7919 * initial_epoch) if cfg.augmented else None
+    # The plain pipeline's batches (order and augmentation) depend only on (seed, epoch), so a resumed run trains
+    # on the same batches as an uninterrupted one; RST's mixed batches draw from RNG state that is not
+    # checkpointed (a resumed run reseeds them by the epoch it starts at).
+    augment = functools.partial(augment_batch, flip=not cfg.no_flip) if cfg.augmented else None
     if cfg.extra_data:  # RST: every batch mixes labelled and pseudo-labelled examples
         x_extra, y_extra = load_extra_data(cfg.extra_data)
         train_ds = make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
