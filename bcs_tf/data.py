@@ -203,17 +203,38 @@ def extra_per_batch(batch_size, extra_fraction):
     return min(batch_size - 1, max(1, int(round(extra_fraction * batch_size))))
 
 
-def make_mixed_pipeline(x, y, x_extra, y_extra, batch_size, extra_fraction, seed=0, augment=None):
-    """Batches of (1 − f)·B labelled and f·B extra examples (RST); one epoch = one pass over the labelled data."""
+def make_mixed_pipeline(x, y, x_extra, y_extra, batch_size, extra_fraction, seed=0, augment=None, epochs=(0, 1)):
+    """Batches of (1 − f)·B labelled and f·B extra examples (RST) for epochs ``first … stop − 1``.
+
+    One epoch is one pass over the labelled data (incomplete last batch dropped). Epoch e takes its labelled
+    order and its extra examples (a stateless permutation of the pool, repeated when the pool is smaller than
+    the epoch needs) from (seed, e), so a resumed run sees the batches of an uninterrupted one.
+    """
     n_extra = extra_per_batch(batch_size, extra_fraction)
-    labelled = make_pipeline(x, y, batch_size - n_extra, shuffle=True, seed=seed, drop_remainder=True)
-    extra = tf.data.Dataset.from_tensor_slices((x_extra, y_extra)).shuffle(len(x_extra), seed=seed + 1)
-    extra = extra.repeat().batch(n_extra, drop_remainder=True)
-    ds = tf.data.Dataset.zip((labelled, extra)).map(
-        lambda a, b: (tf.concat([a[0], b[0]], 0), tf.concat([a[1], b[1]], 0)))
-    if augment is not None:
-        ds = _augment_with_random_keys(ds, augment, seed)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    n_labelled = batch_size - n_extra
+    steps = len(x) // n_labelled
+    if steps < 1:
+        raise ConfigError(f"batch size {batch_size} leaves no full batch of the {len(x)} labelled examples")
+    repeats = -(-steps * n_extra // len(x_extra))
+    xs, ys, xe, ye = (tf.constant(a) for a in (x, y, x_extra, y_extra))
+    shuffle, fold_in = tf.random.experimental.stateless_shuffle, tf.random.experimental.stateless_fold_in
+
+    def one_epoch(e):
+        key = fold_in(tf.constant([seed, 0], tf.int64), e)
+        labelled = tf.reshape(shuffle(tf.range(len(x)), seed=fold_in(key, 0))[: steps * n_labelled], [steps, -1])
+        extra = tf.concat([shuffle(tf.range(len(x_extra)), seed=fold_in(key, r + 1)) for r in range(repeats)], 0)
+        extra = tf.reshape(extra[: steps * n_extra], [steps, n_extra])
+
+        def batch(step, idx):
+            images = tf.concat([tf.gather(xs, idx[0]), tf.gather(xe, idx[1])], 0)
+            if augment is not None:
+                images = augment(images, fold_in(key, -1 - step))
+            return images, tf.concat([tf.gather(ys, idx[0]), tf.gather(ye, idx[1])], 0)
+
+        return tf.data.Dataset.from_tensor_slices((labelled, extra)).enumerate().map(
+            batch, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return tf.data.Dataset.range(*epochs).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
 def default_augment(name):

@@ -162,8 +162,8 @@ def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
 
 
-@pytest.mark.parametrize("augment", ["off", "on"])
-def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, augment):
+@pytest.mark.parametrize("setting", ["plain", "augmented", "rst"])
+def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, setting):
     import training.run as run_module
 
     class Killed(Exception):
@@ -174,7 +174,12 @@ def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tm
             super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
             raise Killed
 
-    flags = FAST + ["--epochs", "2", "--augment", augment]
+    flags = FAST + ["--epochs", "2", "--augment", "on" if setting == "augmented" else "off"]
+    if setting == "rst":  # a pool smaller than an epoch needs, so it is drawn from more than once per epoch
+        pool = tmp_path / "pool.npz"
+        rng = np.random.default_rng(0)
+        np.savez(pool, x=rng.uniform(size=(200, 28, 28, 1)).astype("float32"), y=rng.integers(0, 10, 200))
+        flags += ["--objective", "rst", "--extra-data", str(pool), "--labelled-fraction", "0.5", "--augment", "on"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(flags + ["--out", str(whole)]) == 0
     monkeypatch.setattr(run_module, "EpochCheckpoint", KilledAfterFirstEpoch)

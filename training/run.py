@@ -162,22 +162,19 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
         callbacks.append(StopAfterSteps(cfg.max_steps))
     initial_epoch = state["epoch"] if state else 0
     epochs = min(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
-    # The plain pipeline's batches (order and augmentation) depend only on (seed, epoch), so a resumed run trains
-    # on the same batches as an uninterrupted one; RST's mixed batches draw from RNG state that is not
-    # checkpointed (a resumed run reseeds them by the epoch it starts at).
+    # Batches (order, extra data and augmentation) depend only on (seed, epoch, step), so a resumed run trains on
+    # the same batches as an uninterrupted one.
     augment = functools.partial(augment_batch, flip=not cfg.no_flip) if cfg.augmented else None
     if cfg.extra_data:  # RST: every batch mixes labelled and pseudo-labelled examples
         x_extra, y_extra = load_extra_data(cfg.extra_data)
         train_ds = make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
-                                       seed=cfg.seed + initial_epoch, augment=augment)
-        epoch_steps = None  # the mixed pipeline is one pass over the labelled data, rebuilt by fit each epoch
+                                       seed=cfg.seed, augment=augment, epochs=(initial_epoch, epochs))
     else:
         train_ds = make_pipeline(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
                                  epochs=(initial_epoch, epochs))
-        epoch_steps = steps_per_epoch
     val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
     if initial_epoch < epochs:
-        trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=epoch_steps,
+        trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                     validation_data=val_ds, shuffle=False,
                     callbacks=callbacks, verbose=verbose)
     train_seconds = saver.train_seconds if initial_epoch < epochs else saver.seconds_before
