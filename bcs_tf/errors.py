@@ -1,5 +1,8 @@
 """Exceptions that carry a user-facing, one-line message (the CLIs print them without a traceback)."""
 
+import functools
+import sys
+
 
 class BcsError(Exception):
     """Base class of all errors bcs_tf raises on bad input."""
@@ -15,3 +18,17 @@ class DataError(BcsError):
 
 class CheckpointError(BcsError):
     """A checkpoint or run directory that is missing, corrupt or does not match the model."""
+
+
+def one_line_errors(main):
+    """Decorate a CLI ``main(argv)``: a :class:`BcsError` prints as one ``error: …`` line and returns exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except BcsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import bcs_tf  # noqa: E402,F401  (registers the sparse layers for load_model)
 from bcs_tf.connectivity import allocate_budget, connectivity_report  # noqa: E402
 from bcs_tf.data import load_dataset  # noqa: E402
-from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
+from bcs_tf.errors import CheckpointError, ConfigError, one_line_errors  # noqa: E402
 from bcs_tf.layers import sparse_layers  # noqa: E402
 from export import onnx_export, tflite, tflite_sparse, verify  # noqa: E402
 from export.strip import kernel_nonzeros, strip_model  # noqa: E402
@@ -222,15 +222,10 @@ def print_table(r):
         print(f"\n*** WARNING: {warning} ***", file=sys.stderr)
 
 
+@one_line_errors
 def main(argv=None):
     """CLI entry point: one-line errors (exit 2) for bad input or failed checks."""
-    args = parse_args(argv)
-    try:
-        report = export(args)
-    except BcsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_table(report)
+    print_table(export(parse_args(argv)))
     return 0
 
 

@@ -34,7 +34,7 @@ from art.estimators.classification import TensorFlowV2Classifier  # noqa: E402
 import bcs_tf  # noqa: E402,F401  (registers the sparse layers)
 from bcs_tf.attacks import fgsm, pgd_restarts  # noqa: E402
 from bcs_tf.data import load_dataset  # noqa: E402
-from bcs_tf.errors import BcsError, ConfigError  # noqa: E402
+from bcs_tf.errors import ConfigError, one_line_errors  # noqa: E402
 from training.config import load_finished_run  # noqa: E402
 
 ORDER = ("clean", "fgsm", "pgd50", "pgd100", "autoattack")
@@ -300,6 +300,7 @@ def markdown_table(results, eps, n):
     return "\n".join(lines) + "\n"
 
 
+@one_line_errors
 def main(argv=None):
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
@@ -319,12 +320,7 @@ def main(argv=None):
     group.add_argument("--resume", action="store_true",
                        help="keep the attacks an existing eval.json (same settings) holds and run the rest")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
-    args = p.parse_args(argv)
-    try:
-        return evaluate(args)
-    except BcsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return evaluate(p.parse_args(argv))
 
 
 def _previous_results(out_json, settings):

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 import bcs_tf  # noqa: E402,F401  (registers the sparse layers)
 from bcs_tf.data import labelled_split, load_dataset  # noqa: E402
-from bcs_tf.errors import BcsError, ConfigError, DataError  # noqa: E402
+from bcs_tf.errors import ConfigError, DataError, one_line_errors  # noqa: E402
 from training.config import load_finished_run  # noqa: E402
 
 
@@ -30,6 +30,7 @@ def pseudo_label(model, x, batch_size=512):
                            for i in range(0, len(x), batch_size)]).astype(np.int32)
 
 
+@one_line_errors
 def main(argv=None):
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m training.pseudolabel", description=__doc__.splitlines()[0])
@@ -40,35 +41,31 @@ def main(argv=None):
     p.add_argument("--pool", help="external .npz with an array x of images in [0, 1] (instead of the dataset)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    try:
-        out = pathlib.Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
-        cfg, model = load_finished_run(args.run_dir)
-        extra = {}
-        if args.pool:
-            try:
-                with np.load(args.pool) as f:
-                    x = f["x"].astype(np.float32)
-            except (OSError, ValueError, KeyError) as exc:
-                raise DataError(f"--pool: cannot read array x from {args.pool}: {exc}") from None
-        else:
-            fraction = cfg.labelled_fraction if args.labelled_fraction is None else args.labelled_fraction
-            data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
-            _, (x, y_true) = labelled_split(data.x_train, data.y_train, fraction)
-            if not len(x):
-                raise ConfigError(f"--labelled-fraction {fraction} leaves no unlabelled pool")
-            extra["y_true"] = y_true
-        if tuple(x.shape[1:]) != tuple(model.input_shape[1:]):
-            raise DataError(f"pool images have shape {x.shape[1:]}, the model takes {model.input_shape[1:]}")
-        y = pseudo_label(model, x)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, x=x, y=y, **extra)
-        quality = f", pseudo-label accuracy {np.mean(y == extra['y_true']):.4f}" if "y_true" in extra else ""
-        print(f"wrote {len(x)} pseudo-labelled examples to {out}{quality}")
-    except BcsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
+    cfg, model = load_finished_run(args.run_dir)
+    extra = {}
+    if args.pool:
+        try:
+            with np.load(args.pool) as f:
+                x = f["x"].astype(np.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"--pool: cannot read array x from {args.pool}: {exc}") from None
+    else:
+        fraction = cfg.labelled_fraction if args.labelled_fraction is None else args.labelled_fraction
+        data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
+        _, (x, y_true) = labelled_split(data.x_train, data.y_train, fraction)
+        if not len(x):
+            raise ConfigError(f"--labelled-fraction {fraction} leaves no unlabelled pool")
+        extra["y_true"] = y_true
+    if tuple(x.shape[1:]) != tuple(model.input_shape[1:]):
+        raise DataError(f"pool images have shape {x.shape[1:]}, the model takes {model.input_shape[1:]}")
+    y = pseudo_label(model, x)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, x=x, y=y, **extra)
+    quality = f", pseudo-label accuracy {np.mean(y == extra['y_true']):.4f}" if "y_true" in extra else ""
+    print(f"wrote {len(x)} pseudo-labelled examples to {out}{quality}")
     return 0
 
 

@@ -26,7 +26,7 @@ from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint  
 from bcs_tf.connectivity import connectivity_report  # noqa: E402
 from bcs_tf.data import (augment_batch, extra_per_batch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
                          make_mixed_pipeline, make_pipeline)  # noqa: E402
-from bcs_tf.errors import BcsError, CheckpointError, ConfigError  # noqa: E402
+from bcs_tf.errors import CheckpointError, ConfigError, one_line_errors  # noqa: E402
 from bcs_tf.evaluation import robust_accuracy  # noqa: E402
 from bcs_tf.models import build_model  # noqa: E402
 from bcs_tf.objectives import make_objective  # noqa: E402
@@ -210,14 +210,11 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     return metrics
 
 
+@one_line_errors
 def main(argv=None):
     """CLI entry point: one-line errors (exit 2) instead of tracebacks for bad input."""
-    try:
-        cfg, resume, overwrite, verbose = parse_args(argv)
-        train(cfg, resume, overwrite, verbose)
-    except BcsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg, resume, overwrite, verbose = parse_args(argv)
+    train(cfg, resume, overwrite, verbose)
     return 0
 
 
