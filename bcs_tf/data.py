@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import pathlib
 
@@ -203,6 +204,18 @@ def extra_per_batch(batch_size, extra_fraction):
     return min(batch_size - 1, max(1, int(round(extra_fraction * batch_size))))
 
 
+def batches_per_epoch(n, batch_size, extra_fraction=None):
+    """Training batches in one epoch over ``n`` labelled examples: ceil(n / B), or with ``extra_fraction``
+    (RST's mixed batches) the full batches of B − extras labelled examples each."""
+    if extra_fraction is None:
+        steps = math.ceil(n / batch_size)
+    else:
+        steps = n // (batch_size - extra_per_batch(batch_size, extra_fraction))
+    if steps < 1:
+        raise ConfigError(f"--batch-size {batch_size} leaves no full batch of the {n} labelled examples")
+    return steps
+
+
 def make_mixed_pipeline(x, y, x_extra, y_extra, batch_size, extra_fraction, seed=0, augment=None, epochs=(0, 1)):
     """Batches of (1 − f)·B labelled and f·B extra examples (RST) for epochs ``first … stop − 1``.
 
@@ -212,9 +225,7 @@ def make_mixed_pipeline(x, y, x_extra, y_extra, batch_size, extra_fraction, seed
     """
     n_extra = extra_per_batch(batch_size, extra_fraction)
     n_labelled = batch_size - n_extra
-    steps = len(x) // n_labelled
-    if steps < 1:
-        raise ConfigError(f"batch size {batch_size} leaves no full batch of the {len(x)} labelled examples")
+    steps = batches_per_epoch(len(x), batch_size, extra_fraction)
     repeats = -(-steps * n_extra // len(x_extra))
     xs, ys, xe, ye = (tf.constant(a) for a in (x, y, x_extra, y_extra))
     shuffle, fold_in = tf.random.experimental.stateless_shuffle, tf.random.experimental.stateless_fold_in
@@ -266,20 +277,17 @@ def augment_batch(images, key, flip=True, max_shift=0.1):
     return out
 
 
-def _augment_with_random_keys(ds, augment, seed):
-    keys = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip((ds, keys)).map(lambda batch, key: (augment(batch[0], key), batch[1]),
-                                               num_parallel_calls=tf.data.AUTOTUNE)
-
-
 def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False, augment=None, epochs=None):
     """A ``tf.data`` pipeline over in-memory arrays (reshuffled each epoch when ``shuffle``).
 
-    ``augment``: optional ``augment(images, key)`` applied per batch (see :func:`augment_batch`).
+    ``augment``: optional ``augment(images, key)`` applied per batch (see :func:`augment_batch`); its key comes
+    from (seed, epoch, step), so it needs ``shuffle`` and ``epochs``.
     ``epochs=(first, stop)`` with ``shuffle``: one dataset holding epochs first … stop − 1, epoch e in an order
     (and with augmentation draws) that is a stateless function of (seed, e), so a run resumed at epoch e sees
     exactly the batches of an uninterrupted one (``fit`` then needs ``steps_per_epoch``).
     """
+    if augment is not None and not (shuffle and epochs is not None):
+        raise ConfigError("augment needs shuffle=True and epochs=(first, stop): its draws are keyed by epoch")
     if shuffle and epochs is not None:
         xs, ys, n = tf.constant(x), tf.constant(y), len(x)
         fold_in = tf.random.experimental.stateless_fold_in
@@ -300,6 +308,4 @@ def make_pipeline(x, y, batch_size, shuffle=False, seed=0, drop_remainder=False,
         if shuffle:
             ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        if augment is not None:
-            ds = _augment_with_random_keys(ds, augment, seed)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -107,3 +107,5 @@ def test_augmentation_shifts_and_flips_within_range_and_is_keyed():
     moved = data.augment_batch(tf.constant(bar), key, flip=False).numpy()
     cols = np.flatnonzero(moved.max(axis=(0, 1, 3)) > 0.01)
     assert cols.min() >= 12 and cols.max() <= 20
+    with pytest.raises(ConfigError, match="augment needs"):  # unkeyed draws would not survive a resume
+        data.make_pipeline(x, np.zeros(64, "int32"), 16, shuffle=True, augment=data.augment_batch)

@@ -24,7 +24,7 @@ import keras  # noqa: E402
 
 from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint  # noqa: E402
 from bcs_tf.connectivity import connectivity_report  # noqa: E402
-from bcs_tf.data import (augment_batch, extra_per_batch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
+from bcs_tf.data import (augment_batch, batches_per_epoch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
                          make_mixed_pipeline, make_pipeline)  # noqa: E402
 from bcs_tf.errors import CheckpointError, ConfigError, one_line_errors  # noqa: E402
 from bcs_tf.evaluation import robust_accuracy  # noqa: E402
@@ -136,12 +136,7 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     net, allocation = build_model(cfg.model, cfg.method, cfg.connectivity, cfg.budget, cfg.seed,
                                   data.input_shape, data.num_classes, precision=cfg.precision)
     (x_train, y_train), _ = labelled_split(data.x_train, data.y_train, cfg.labelled_fraction)
-    if cfg.extra_data:
-        steps_per_epoch = len(x_train) // (cfg.batch_size - extra_per_batch(cfg.batch_size, cfg.extra_fraction))
-    else:
-        steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    if steps_per_epoch < 1:
-        raise ConfigError(f"--batch-size {cfg.batch_size} leaves no full batch of the {len(x_train)} labelled examples")
+    steps_per_epoch = batches_per_epoch(len(x_train), cfg.batch_size, cfg.extra_fraction if cfg.extra_data else None)
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
                                                                                  cfg.epochs * steps_per_epoch)
     trainer = RobustTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation=allocation,
