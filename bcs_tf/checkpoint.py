@@ -70,14 +70,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """Keras callback: checkpoint at every epoch end and keep the best network weights.
 
     The best epoch is chosen by ``monitor`` (default ``val_robust_acc``, higher is better) on the
-    validation split; its network weights go to ``best_path``.
+    validation split; its network weights go to ``best_path`` (not kept when ``best_path`` is None).
     """
 
     def __init__(self, directory, best_path, monitor="val_robust_acc", resumed_state=None):
         super().__init__()
         state = resumed_state or {}
         self.directory = pathlib.Path(directory)
-        self.best_path = pathlib.Path(best_path)
+        self.best_path = pathlib.Path(best_path) if best_path is not None else None
         self.monitor = monitor
         self.best = state.get("best", -np.inf)
         self.best_epoch = state.get("best_epoch")
@@ -99,6 +99,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         score = logs.get(self.monitor)
         if score is not None and score > self.best:
             self.best, self.best_epoch = score, epoch + 1
+        if self.best_epoch == epoch + 1 and self.best_path is not None:
             tmp = self.best_path.with_name("tmp-" + self.best_path.name)
             self.model.net.save_weights(tmp)
             os.replace(tmp, self.best_path)

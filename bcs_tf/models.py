@@ -29,18 +29,29 @@ class ModelSpec:
     builder: typing.Callable
     input_shape: tuple
     profile: typing.Callable  # c -> {tag: initial fraction}
+    family: str  # models of one family differ only in width (inverse weights inheritance maps between them)
+    width: int = 1
+
+
+def _small_cnn(width):
+    return ModelSpec(functools.partial(arch.small_cnn, width=width), (28, 28, 1), arch.authors_profile(0.2),
+                     "small_cnn", width)
+
+
+def _wrn(width):
+    return ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=width), (32, 32, 3),
+                     arch.authors_profile(0.1), "wrn28", width)
 
 
 MODELS = {
-    "small_cnn": ModelSpec(arch.small_cnn, (28, 28, 1), arch.authors_profile(0.2)),
-    "vgg16": ModelSpec(arch.vgg16, (32, 32, 3), arch.authors_profile(0.2)),
-    "resnet18": ModelSpec(arch.resnet18, (32, 32, 3), arch.authors_profile(0.2)),
-    "wrn28_2": ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=2), (32, 32, 3),
-                         arch.authors_profile(0.1)),
-    "wrn28_4": ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=4), (32, 32, 3),
-                         arch.authors_profile(0.1)),
-    "wrn28_10": ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=10), (32, 32, 3),
-                          arch.authors_profile(0.1)),
+    "small_cnn": _small_cnn(1),
+    "small_cnn_x2": _small_cnn(2),
+    "small_cnn_x4": _small_cnn(4),
+    "vgg16": ModelSpec(arch.vgg16, (32, 32, 3), arch.authors_profile(0.2), "vgg16"),
+    "resnet18": ModelSpec(arch.resnet18, (32, 32, 3), arch.authors_profile(0.2), "resnet18"),
+    "wrn28_2": _wrn(2),
+    "wrn28_4": _wrn(4),
+    "wrn28_10": _wrn(10),
 }
 
 

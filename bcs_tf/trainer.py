@@ -6,6 +6,8 @@ The trainer wraps the network (``trainer.net``); only the network is exported as
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -67,6 +69,14 @@ class RobustTrainer(keras.Model):
             self.sampler.bind_optimizer(self.optimizer)
         self._theta_ids = {id(layer.theta) for layer in sparse_layers(self.net)}
 
+    def inference_kernels(self):
+        """Context in which attacks run: one precomputed kernel per sparse layer, no gradient w.r.t. θ."""
+        return frozen_kernels(self.net)
+
+    def training_kernels(self):
+        """Context in which the loss runs (the layers' own kernels; subclasses may substitute others)."""
+        return contextlib.nullcontext()
+
     # Logits in float32 whatever the compute dtype: losses and attack gradients need the precision.
     def _predict(self, x):
         return ops.cast(self.net(x, training=False), "float32")
@@ -76,10 +86,10 @@ class RobustTrainer(keras.Model):
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with frozen_kernels(self.net):  # the attack needs no gradient w.r.t. θ
+        with self.inference_kernels():  # the attack needs no gradient w.r.t. θ
             x_adv = self.objective.adversarial(self._predict, x, y, self.attack, seed=self.attack_seed)
         variables = self.trainable_variables
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, self.training_kernels():
             loss, logits_nat, logits_adv = self.objective.loss(self._forward, x, y, x_adv)
         grads = tape.gradient(loss, variables)
         if self.alpha > 0:
@@ -102,12 +112,15 @@ class RobustTrainer(keras.Model):
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with self.inference_kernels():
+            return self._test_step(x, y)
+
+    def _test_step(self, x, y):
         logits = self._predict(x)
         self.clean_acc.update_state(y, logits)
         a = self.eval_attack
         if a.steps > 0 and a.eps > 0:
-            with frozen_kernels(self.net):
-                x_adv = pgd(self._predict, x, y, a.eps, a.step_size, a.steps, norm=a.norm, rand_init=True,
-                            clip_min=a.clip_min, clip_max=a.clip_max, seed=self.attack_seed)
+            x_adv = pgd(self._predict, x, y, a.eps, a.step_size, a.steps, norm=a.norm, rand_init=True,
+                        clip_min=a.clip_min, clip_max=a.clip_max, seed=self.attack_seed)
             self.robust_acc.update_state(y, self._predict(x_adv))
         return {m.name: m.result() for m in self.metrics[1:]}

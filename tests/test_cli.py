@@ -20,7 +20,12 @@ FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "
     (["--dataset", "imagenet"], "--dataset"),
     (["--eps", "-0.1"], "--eps"),
     (["--budget", "both"], "--budget"),
-    (["--method", "hydra"], "--method"),
+    (["--method", "magnitude"], "--method"),
+    (["--method", "hydra"], "--from"),
+    (["--method", "bcs", "--from", "runs/x"], "--from"),
+    (["--method", "iwi", "--from", "runs/x", "--connectivity", "0.1"], "--connectivity"),
+    (["--reinit"], "--reinit"),
+    (["--snapshot-epochs", "0,1"], "--snapshot-epochs"),
     (["--precision", "float8"], "--precision"),
 ])
 def test_bad_flags_give_a_one_line_error_naming_the_flag(tmp_path, capsys, flags, name):
@@ -98,7 +103,7 @@ def test_every_objective_trains_in_the_compiled_step(tmp_path, objective):
 
 def test_piecewise_schedule_and_decoupled_weight_decay_follow_the_authors():
     from training.config import RunConfig
-    from training.run import make_optimizer
+    from training.fitting import make_optimizer
 
     opt = make_optimizer(RunConfig(lr=0.1, weight_decay=5e-4), total_steps=100)
     schedule = opt._learning_rate
@@ -164,12 +169,12 @@ def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
 
 @pytest.mark.parametrize("setting", ["plain", "augmented", "rst"])
 def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, setting):
-    import training.run as run_module
+    import training.fitting as fitting_module
 
     class Killed(Exception):
         pass
 
-    class KilledAfterFirstEpoch(run_module.EpochCheckpoint):
+    class KilledAfterFirstEpoch(fitting_module.EpochCheckpoint):
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
             raise Killed
@@ -182,7 +187,7 @@ def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tm
         flags += ["--objective", "rst", "--extra-data", str(pool), "--labelled-fraction", "0.5", "--augment", "on"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(flags + ["--out", str(whole)]) == 0
-    monkeypatch.setattr(run_module, "EpochCheckpoint", KilledAfterFirstEpoch)
+    monkeypatch.setattr(fitting_module, "EpochCheckpoint", KilledAfterFirstEpoch)
     with pytest.raises(Killed):
         main(flags + ["--out", str(split)])
     monkeypatch.undo()

@@ -11,12 +11,15 @@ from bcs_tf.attacks import AttackConfig
 from bcs_tf.connectivity import BUDGET_MODES, temperature_from_sigma
 from bcs_tf.data import DATASETS, default_augment
 from bcs_tf.errors import CheckpointError, ConfigError
-from bcs_tf.models import METHODS, MODELS, PRECISIONS
+from bcs_tf.models import MODELS, PRECISIONS
 from bcs_tf.objectives import OBJECTIVES
 
 AUTHORS_NOISE_SIGMA = 1e-6
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
+# Training methods (training/methods/ has one module each); those in FROM_METHODS start from another run.
+METHOD_NAMES = ("bcs", "random", "dense", "fixed", "hydra", "lottery", "iwi")
+FROM_METHODS = ("fixed", "hydra", "lottery", "iwi")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +28,7 @@ class RunConfig:
 
     objective: str = "trades"
     method: str = "bcs"
+    from_run: typing.Optional[str] = None  # --from: the run fixed/hydra/lottery prune, or the small network of iwi
     connectivity: float = 0.01
     budget: str = "global"
     dataset: str = "fashion_mnist"
@@ -55,13 +59,20 @@ class RunConfig:
     eval_steps: int = 20
     eval_restarts: int = 1
     select_by: str = "robust"
+    snapshot_epochs: str = "1,2"  # network weights kept after these epochs (and before training) for rewinding
+    rewind_epoch: int = 1  # lottery: rewind surviving weights to this epoch of the dense run (0 = its init)
+    reinit: bool = False  # lottery control: same masks, fresh initialisation instead of rewinding
+    prune_rounds: int = 3  # lottery: iterative magnitude pruning rounds, the same fraction pruned each round
+    round_epochs: typing.Optional[int] = None  # lottery: epochs of every round but the last (default --epochs)
+    score_epochs: typing.Optional[int] = None  # hydra: score-learning epochs (default max(1, round(0.2·epochs)))
+    finetune_lr_factor: float = 0.1  # hydra: fine-tuning learning rate = lr × this (HYDRA: 0.01 after 0.1)
     out: str = "runs/default"
 
     def __post_init__(self):
         def bad(flag, why):
             raise ConfigError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
 
-        choices = {"objective": sorted(OBJECTIVES), "method": METHODS, "budget": BUDGET_MODES,
+        choices = {"objective": sorted(OBJECTIVES), "method": METHOD_NAMES, "budget": BUDGET_MODES,
                    "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean"),
                    "optimizer": OPTIMIZER_NAMES, "lr_schedule": SCHEDULE_NAMES,
                    "augment": ("auto", "on", "off"), "precision": PRECISIONS}
@@ -94,10 +105,44 @@ class RunConfig:
             bad("extra_data", "is required by --objective rst and used only by it")
         if self.objective != "natural" and self.attack_steps < 1:
             bad("attack_steps", f"objective {self.objective} needs at least one attack step")
+        self._check_method()
+
+    def _check_method(self):
+        def bad(flag, why):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
+
+        if (self.method in FROM_METHODS) != (self.from_run is not None):
+            raise ConfigError(f"--from: required by --method {', '.join(FROM_METHODS)} and used only by them. "
+                              f"Received: method={self.method!r}, from={self.from_run!r}")
+        if self.method in ("fixed", "hydra", "lottery") and self.connectivity >= 1.0:
+            bad("connectivity", f"--method {self.method} prunes, so it must be < 1")
+        if self.method == "iwi" and self.connectivity != 1.0:
+            bad("connectivity", "--method iwi trains the large network dense, so it must be 1")
+        if self.reinit and self.method != "lottery":
+            bad("reinit", "is the control of --method lottery and used only by it")
+        for flag in ("rewind_epoch",):
+            if getattr(self, flag) < 0:
+                bad(flag, "must be ≥ 0")
+        for flag in ("prune_rounds", "round_epochs", "score_epochs"):
+            if getattr(self, flag) is not None and getattr(self, flag) < 1:
+                bad(flag, "must be ≥ 1")
+        if not 0.0 < self.finetune_lr_factor <= 1.0:
+            bad("finetune_lr_factor", "must be in (0, 1]")
+        try:
+            epochs = self.snapshots[1:]
+        except ValueError:
+            epochs = (0,)
+        if any(e < 1 for e in epochs):
+            bad("snapshot_epochs", "must be comma-separated epoch numbers ≥ 1")
+
+    @property
+    def snapshots(self):
+        """Epochs after which the network weights are kept (epoch 0, the initialisation, is always kept)."""
+        return (0,) + tuple(int(e) for e in self.snapshot_epochs.split(",") if e.strip())
 
     @property
     def sparse(self):
-        """Whether the network uses sparse layers (method bcs/random with connectivity < 1)."""
+        """Whether the network uses sparse layers (every method but dense, with connectivity < 1)."""
         return self.method != "dense" and self.connectivity < 1.0
 
     @property

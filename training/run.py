@@ -9,31 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
 import pathlib
 import shutil
 import sys
 import time
+import typing
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-
-from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint  # noqa: E402
+from bcs_tf.checkpoint import has_checkpoint  # noqa: E402
 from bcs_tf.connectivity import connectivity_report  # noqa: E402
-from bcs_tf.data import (augment_batch, batches_per_epoch, labelled_split, load_dataset, load_extra_data,  # noqa: E402
-                         make_mixed_pipeline, make_pipeline)  # noqa: E402
+from bcs_tf.data import load_dataset  # noqa: E402
 from bcs_tf.errors import CheckpointError, ConfigError, one_line_errors  # noqa: E402
 from bcs_tf.evaluation import robust_accuracy  # noqa: E402
-from bcs_tf.models import build_model  # noqa: E402
-from bcs_tf.objectives import make_objective  # noqa: E402
-from bcs_tf.trainer import RobustTrainer  # noqa: E402
-from training.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, RunConfig  # noqa: E402
+from training.config import RunConfig  # noqa: E402
+from training.fitting import fit_phase  # noqa: E402
+from training.methods import METHODS, Context  # noqa: E402
 
-RUN_FILES = ("model.keras", "metrics.json", "config.json", "best.weights.h5", "checkpoint", "logs")
+RUN_FILES = ("model.keras", "metrics.json", "config.json", "best.weights.h5", "checkpoint", "logs", "phases",
+             "snapshots")
+ALIASES = {"from_run": ("--from",)}
 
 
 def parse_args(argv=None):
@@ -41,18 +38,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = RunConfig()
+    hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true")
             continue
-        kind = {"connectivity": float, "lr": float, "momentum": float, "weight_decay": float, "eps": float,
-                "attack_step_size": float, "beta": float, "alpha": float, "temperature": float,
-                "labelled_fraction": float, "extra_fraction": float}.get(field.name)
-        if kind is None:
-            kind = int if isinstance(default, int) or field.name == "max_steps" else str
-        p.add_argument(flag, type=kind, default=default)
+        kind = hints[field.name]
+        kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
+        p.add_argument(flag, *ALIASES.get(field.name, ()), type=kind, default=default)
     p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress output")
@@ -68,7 +63,7 @@ def prepare_out_dir(cfg, resume, overwrite):
         raise ConfigError(f"--out: {out} exists and is not a directory")
     existing = out.is_dir() and any(out.iterdir())
     if resume:
-        if not has_checkpoint(out / "checkpoint"):
+        if not (has_checkpoint(out / "checkpoint") or (out / "phases").is_dir()):
             raise CheckpointError(f"--resume: no checkpoint to resume in {out / 'checkpoint'}")
         saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
         if dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps) != cfg:
@@ -85,100 +80,23 @@ def prepare_out_dir(cfg, resume, overwrite):
     return out
 
 
-def _piecewise(cfg, total_steps):
-    boundaries = [max(1, int(0.5 * total_steps)), max(2, int(0.75 * total_steps))]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [cfg.lr, cfg.lr * 0.1, cfg.lr * 0.01])
-
-
-SCHEDULES = {
-    "piecewise": _piecewise,  # authors: ×0.1 at 50% and at 75% of training
-    "cosine": lambda cfg, total_steps: keras.optimizers.schedules.CosineDecay(cfg.lr, max(1, total_steps)),
-    "constant": lambda cfg, total_steps: cfg.lr,
-}
-OPTIMIZERS = {
-    "sgd": lambda lr, cfg, wd: keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=wd),
-    "adam": lambda lr, cfg, wd: keras.optimizers.Adam(lr, weight_decay=wd),
-    "adamw": lambda lr, cfg, wd: keras.optimizers.AdamW(lr, weight_decay=wd),
-    "rmsprop": lambda lr, cfg, wd: keras.optimizers.RMSprop(lr, momentum=cfg.momentum, weight_decay=wd),
-}
-
-
-assert set(SCHEDULES) == set(SCHEDULE_NAMES) and set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
-
-
-def make_optimizer(cfg, total_steps):
-    """Optimizer ``cfg.optimizer`` on schedule ``cfg.lr_schedule`` with decoupled weight decay.
-
-    Keras applies θ ← θ − lr_t·weight_decay·θ, so passing wd/lr0 makes the decay follow the learning-rate
-    schedule exactly as the authors' wd_t does (checked bit-exact for SGD).
-    """
-    schedule = SCHEDULES[cfg.lr_schedule](cfg, total_steps)
-    return OPTIMIZERS[cfg.optimizer](schedule, cfg, cfg.weight_decay / cfg.lr if cfg.lr > 0 else 0.0)
-
-
-class StopAfterSteps(keras.callbacks.Callback):
-    """Stop training after a total number of optimizer steps (for smoke runs)."""
-
-    def __init__(self, max_steps):
-        super().__init__()
-        self.max_steps = max_steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) >= self.max_steps:
-            self.model.stop_training = True
-
-
 def train(cfg, resume=False, overwrite=False, verbose=1):
-    """Run training + final test evaluation for ``cfg``; returns the metrics dict."""
-    out = prepare_out_dir(cfg, resume, overwrite)
+    """Run ``cfg.method``'s phases, the final training and the test evaluation; returns the metrics dict."""
     t_start = time.time()
+    method = METHODS[cfg.method]
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
-    net, allocation = build_model(cfg.model, cfg.method, cfg.connectivity, cfg.budget, cfg.seed,
-                                  data.input_shape, data.num_classes, precision=cfg.precision)
-    (x_train, y_train), _ = labelled_split(data.x_train, data.y_train, cfg.labelled_fraction)
-    steps_per_epoch = batches_per_epoch(len(x_train), cfg.batch_size, cfg.extra_fraction if cfg.extra_data else None)
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
-                                                                                 cfg.epochs * steps_per_epoch)
-    trainer = RobustTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation=allocation,
-                            rewire=cfg.method == "bcs", temperature=cfg.effective_temperature, alpha=cfg.alpha,
-                            seed=cfg.seed)
-    trainer.compile(optimizer=make_optimizer(cfg, total_steps), jit_compile=False)
-    trainer.prepare()
+    source_cfg = method.check_source(cfg, data.input_shape)  # a wrong --from stops before anything is written
+    out = prepare_out_dir(cfg, resume, overwrite)
+    ctx = Context(cfg, data, out, source_cfg, verbose)
+    start = method.start(ctx)
+    trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
+    saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose, snapshots=cfg.snapshots,
+                      max_steps=cfg.max_steps)
+    train_seconds = saver.train_seconds if saver.trained else saver.seconds_before
 
-    ckpt_dir, best_path = out / "checkpoint", out / "best.weights.h5"
-    state = None
-    if resume:
-        state = load_checkpoint(trainer, ckpt_dir)
-        print(f"resuming {out} after epoch {state['epoch']} (best {state['monitor']} {state['best']:.4f})")
-    monitor = "val_robust_acc" if cfg.select_by == "robust" else "val_clean_acc"
-    saver = EpochCheckpoint(ckpt_dir, best_path, monitor=monitor, resumed_state=state)
-    callbacks = [saver, keras.callbacks.TensorBoard(out / "logs", write_graph=False)]
-    if cfg.max_steps is not None:
-        callbacks.append(StopAfterSteps(cfg.max_steps))
-    initial_epoch = state["epoch"] if state else 0
-    epochs = min(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
-    # Batches (order, extra data and augmentation) depend only on (seed, epoch, step), so a resumed run trains on
-    # the same batches as an uninterrupted one.
-    augment = functools.partial(augment_batch, flip=not cfg.no_flip) if cfg.augmented else None
-    if cfg.extra_data:  # RST: every batch mixes labelled and pseudo-labelled examples
-        x_extra, y_extra = load_extra_data(cfg.extra_data)
-        train_ds = make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
-                                       seed=cfg.seed, augment=augment, epochs=(initial_epoch, epochs))
-    else:
-        train_ds = make_pipeline(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
-                                 epochs=(initial_epoch, epochs))
-    val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
-    if initial_epoch < epochs:
-        trainer.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                    validation_data=val_ds, shuffle=False,
-                    callbacks=callbacks, verbose=verbose)
-    train_seconds = saver.train_seconds if initial_epoch < epochs else saver.seconds_before
-
-    if best_path.is_file():
-        net.load_weights(best_path)
+    net = start.net
     if cfg.precision != "float32":  # test and ship the trained weights at full precision
-        net32, _ = build_model(cfg.model, cfg.method, cfg.connectivity, cfg.budget, cfg.seed, data.input_shape,
-                               data.num_classes)
+        net32, _ = ctx.build(start.kind, precision="float32")
         net32.set_weights(net.get_weights())
         net = net32
     print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
@@ -189,12 +107,14 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
         "test_clean_acc": clean,
         f"test_pgd{cfg.eval_steps}_acc": robust,
         "best_epoch": saver.best_epoch,
-        "selected_by": monitor,
+        "selected_by": saver.monitor,
         "steps": int(trainer.optimizer.iterations.numpy()),
         "train_seconds": train_seconds,
         "wall_seconds": time.time() - t_start,
         "connectivity": connectivity_report(net) if cfg.sparse else {"connectivity": 1.0},
-        "allocation": allocation.to_dict() if allocation else None,
+        "allocation": start.allocation.to_dict() if start.allocation else None,
+        "method": {"name": cfg.method, **start.info},
+        "input_shape": list(data.input_shape),
         "data_source": data.source,
         "history": saver.history,
         "config": cfg.to_dict(),

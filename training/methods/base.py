@@ -1,0 +1,120 @@
+"""The one small interface every training method implements, and what methods share.
+
+A method turns a run's config into the network the final phase trains (:class:`Start`): BCS, random and
+dense build it from scratch; Fixed, HYDRA and lottery tickets prune a finished dense run; IWI grows a finished
+small sparse run. Methods with earlier phases (HYDRA's scores, the rounds of iterative pruning) train them
+through :meth:`Context.phase`, each resumable in ``OUT/phases/NAME``. ``check_source`` runs before anything is
+written, so a wrong ``--from`` leaves no trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import typing
+
+from bcs_tf.errors import CheckpointError, ConfigError
+from bcs_tf.models import build_model
+from bcs_tf.objectives import make_objective
+from bcs_tf.trainer import RobustTrainer
+from training.config import RunConfig, load_finished_run
+from training.fitting import fit_phase
+
+
+@dataclasses.dataclass
+class Start:
+    """The network of the final training phase and how it trains."""
+
+    net: typing.Any
+    allocation: typing.Any  # bcs_tf.connectivity.Allocation, or None for dense networks
+    kind: str  # the layers it is built from: "bcs" (rewiring), "random" (static mask) or "dense"
+    lr: float
+    info: dict = dataclasses.field(default_factory=dict)  # written to metrics.json["method"]
+
+    @property
+    def rewire(self):
+        """Whether the sampler rewires (BCS) or keeps the mask fixed."""
+        return self.kind == "bcs"
+
+
+@dataclasses.dataclass
+class Context:
+    """What a method may use: the config, the data, the run directory and the checked ``--from`` run."""
+
+    cfg: RunConfig
+    data: typing.Any
+    out: pathlib.Path
+    source_cfg: typing.Optional[RunConfig] = None
+    verbose: int = 1
+
+    def build(self, kind, connectivity=None, precision=None, seed=None):
+        """``(net, allocation)`` of this run's model built from ``kind`` layers (see :func:`build_model`)."""
+        cfg = self.cfg
+        return build_model(cfg.model, kind, cfg.connectivity if connectivity is None else connectivity,
+                           cfg.budget, cfg.seed if seed is None else seed, self.data.input_shape,
+                           self.data.num_classes, precision=precision or cfg.precision)
+
+    def source_model(self):
+        """The ``--from`` run's selected network."""
+        return load_finished_run(self.cfg.from_run)[1]
+
+    def trainer(self, net, allocation=None, rewire=False):
+        """A :class:`RobustTrainer` of ``net`` with this run's objective, attack and sampler settings."""
+        cfg = self.cfg
+        return RobustTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation=allocation,
+                             rewire=rewire, temperature=cfg.effective_temperature, alpha=cfg.alpha, seed=cfg.seed)
+
+    def phase(self, name, trainer, epochs, lr=None):
+        """Train an earlier phase ``name`` (last-epoch weights kept; resumes from its own checkpoint)."""
+        print(f"phase {name}: {epochs} epoch(s)")
+        return fit_phase(trainer, self.cfg, self.data, self.out / "phases" / name, epochs, lr=lr,
+                         verbose=self.verbose, select_best=False, max_steps=self.cfg.max_steps)
+
+
+class Method:
+    """Base class: a method from scratch needs no ``--from`` run."""
+
+    name = ""
+
+    def check_source(self, cfg, input_shape):
+        """Check ``cfg.from_run`` (reading files only); returns its RunConfig or None. Raises on a wrong one."""
+        return None
+
+    def start(self, ctx):
+        """The :class:`Start` of the final phase (may train earlier phases through ``ctx.phase``)."""
+        raise NotImplementedError
+
+
+def read_source(cfg, input_shape):
+    """The RunConfig of ``--from`` after checking that it is a finished run on the same data."""
+    src = pathlib.Path(cfg.from_run)
+    if not src.is_dir():
+        raise CheckpointError(f"--from: {src} is not a directory")
+    if src.resolve() == pathlib.Path(cfg.out).resolve():
+        raise ConfigError(f"--from: {src} is this run's own --out")
+    if not ((src / "model.keras").is_file() and (src / "metrics.json").is_file()):
+        raise CheckpointError(f"--from: {src} is not a finished run (no model.keras / metrics.json)")
+    try:
+        source = RunConfig.from_dict(json.loads((src / "config.json").read_text()))
+        metrics = json.loads((src / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"--from: cannot read the run in {src}: {exc}") from None
+    if source.dataset != cfg.dataset:
+        raise ConfigError(f"--from: {src} was trained on {source.dataset}, this run uses {cfg.dataset}")
+    shape = metrics.get("input_shape")
+    if shape is not None and tuple(shape) != tuple(input_shape):
+        raise ConfigError(f"--from: {src} takes inputs of shape {tuple(shape)}, this run's data "
+                          f"{tuple(input_shape)}")
+    return source
+
+
+def read_dense_source(cfg, input_shape):
+    """:func:`read_source` for methods that prune a dense network of the same model."""
+    source = read_source(cfg, input_shape)
+    if source.model != cfg.model:
+        raise ConfigError(f"--from: {cfg.from_run} is a {source.model}, this run a {cfg.model}")
+    if source.sparse:
+        raise ConfigError(f"--from: {cfg.from_run} is a sparse run (method {source.method}, connectivity "
+                          f"{source.connectivity}); --method {cfg.method} prunes a dense one")
+    return source
