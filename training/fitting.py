@@ -14,6 +14,7 @@ import pathlib
 import keras
 
 from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint
+from bcs_tf.layers import sparse_layers
 from bcs_tf.data import augment_batch, batches_per_epoch, labelled_split, load_extra_data, make_mixed_pipeline, \
     make_pipeline
 from training.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
@@ -59,6 +60,18 @@ class StopAfterSteps(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) >= self.max_steps:
             self.model.stop_training = True
+
+
+class ConnectivityLog(keras.callbacks.Callback):
+    """Add each sparse layer's active connection count to the epoch logs as ``active/LAYER``.
+
+    Placed before the checkpoint callback, so the counts reach the run's history (metrics.json) and TensorBoard.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            for layer in sparse_layers(self.model.net):
+                logs[f"active/{layer.name}"] = layer.active_count()
 
 
 class Snapshots(keras.callbacks.Callback):
@@ -127,6 +140,8 @@ def fit_phase(trainer, cfg, data, directory, epochs, lr=None, verbose=1, select_
     monitor = "val_robust_acc" if cfg.select_by == "robust" else "val_clean_acc"
     saver = EpochCheckpoint(ckpt_dir, best_path if select_best else None, monitor=monitor, resumed_state=state)
     callbacks = [saver, keras.callbacks.TensorBoard(directory / "logs", write_graph=False)]
+    if sparse_layers(trainer.net):
+        callbacks.insert(0, ConnectivityLog())
     if snapshots:
         callbacks.append(Snapshots(directory / "snapshots", snapshots))
     if max_steps is not None:

@@ -1,0 +1,342 @@
+"""``python -m training.reproduce --table {bcs,hydra,sparsity,all}``: every run a table of the two seed papers
+needs, in dependency order, each trained, evaluated and collected into tables and figures.
+
+Runs live in ``--runs-dir`` (default ``runs/reproduce/DATASET-PRESET``): a finished run is skipped, a stopped
+one resumed, and the evaluation continues where it stopped. ``--out`` receives ``table_*.md``, the figures,
+each run's ``metrics.json`` / ``eval.json`` and ``manifest.json`` (every run's command, commit and wall time).
+A results directory made with other settings (dataset or preset) is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from bcs_tf.errors import ConfigError, one_line_errors  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TABLES = ("bcs", "hydra", "sparsity")
+BCS_OBJECTIVES = ("natural", "at", "mat", "trades", "mart")  # the rows of the BCS paper's tables
+SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+SPARSITY_METHODS = ("fixed", "lottery", "lottery_reinit", "bcs", "hydra")
+FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
+# relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
+OBJECTIVE_COST = {"natural": 0.15, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
+
+PRESETS = {
+    # ≈ 75 min for the AT and TRADES rows of the BCS table (+ the natural row) on 2 CPU cores
+    "quick": {"epochs": 5, "val_split": 1000, "eval_examples": 1000, "bcs_objectives": ("natural", "at", "trades"),
+              "sparsity_epochs": 3, "prune_rounds": 2, "round_epochs": 1, "eps": 0.1},
+    # a few seconds per run on the synthetic task: for tests of the orchestration, not for results
+    "smoke": {"epochs": 2, "val_split": 128, "eval_examples": 64, "bcs_objectives": ("at",), "sparsity_epochs": 1,
+              "prune_rounds": 2, "round_epochs": 1, "eps": 0.1},
+    "full": {"epochs": 20, "val_split": 5000, "eval_examples": 1000, "bcs_objectives": BCS_OBJECTIVES,
+             "sparsity_epochs": 20, "prune_rounds": 3, "round_epochs": 10, "eps": 0.1},
+}
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation."""
+
+    id: str
+    flags: dict
+    deps: tuple = ()
+    attacks: tuple = ("clean", "pgd50")
+
+    @property
+    def cost(self):
+        """Estimated cost in AT-epoch units (for the ETA)."""
+        epochs = self.flags["epochs"] + self.flags.get("score_epochs", 0)
+        if self.flags["method"] == "lottery":
+            epochs += (self.flags["prune_rounds"] - 1) * self.flags["round_epochs"]
+        width = {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
+        return epochs * OBJECTIVE_COST[self.flags["objective"]] * width
+
+
+def _conn(sparsity):
+    return round(1.0 - sparsity, 6)
+
+
+class Plan:
+    """The runs the requested tables need, deduplicated, in dependency order."""
+
+    def __init__(self, dataset, preset, seeds, full_eval):
+        self.dataset, self.p, self.seeds, self.full_eval = dataset, PRESETS[preset], seeds, full_eval
+        self.runs = {}
+
+    def add(self, spec):
+        if spec.id in self.runs:
+            old = self.runs[spec.id]
+            old.attacks = tuple(dict.fromkeys(old.attacks + spec.attacks))
+            return old
+        for dep in spec.deps:
+            if dep not in self.runs:
+                raise AssertionError(f"{spec.id} depends on {dep}, which is not planned before it")
+        if self.full_eval:
+            spec.attacks = tuple(dict.fromkeys(spec.attacks + FULL_ATTACKS))
+        self.runs[spec.id] = spec
+        return spec
+
+    def run(self, objective, method, connectivity, seed, epochs=None, source=None, attacks=("clean", "pgd50"),
+            tag="", **extra):
+        """Plan one run (and return its id)."""
+        name = method if connectivity >= 1 else f"{method}_c{connectivity:g}"
+        rid = f"{objective}/{name}{tag}_s{seed}"
+        flags = {"objective": objective, "method": method, "connectivity": connectivity, "dataset": self.dataset,
+                 "epochs": epochs or self.p["epochs"], "val_split": self.p["val_split"], "eps": self.p["eps"],
+                 "seed": seed, **extra}
+        if source:
+            flags["from"] = source
+        return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks))).id
+
+    def bcs_table(self):
+        for seed in range(self.seeds):
+            for objective in self.p["bcs_objectives"]:
+                dense = self.run(objective, "dense", 1.0, seed)
+                for c in (0.1, 0.01):
+                    self.run(objective, "random", c, seed)
+                    self.run(objective, "fixed", c, seed, source=dense)
+                    self.run(objective, "bcs", c, seed)
+
+    def hydra_table(self):
+        attacks = ("clean", "fgsm", "pgd50", "pgd100")
+        for seed in range(self.seeds):
+            for objective in ("at", "trades"):
+                dense = self.run(objective, "dense", 1.0, seed)
+                for c in (0.1, 0.01):
+                    self.run(objective, "hydra", c, seed, source=dense, attacks=attacks)
+                    self.run(objective, "bcs", c, seed, attacks=attacks)
+
+    def sparsity_table(self):
+        p = self.p
+        e = p["sparsity_epochs"]
+        lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
+        for seed in range(self.seeds):
+            dense = self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")
+            for s in SPARSITIES[1:]:
+                c = _conn(s)
+                self.run("at", "fixed", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+                self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
+                self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_reinit_e{e}", reinit=True, **lottery)
+                self.run("at", "bcs", c, seed, epochs=e, tag=f"_e{e}")
+                self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+            small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
+            self.run("at", "iwi", 1.0, seed, epochs=e, source=small, tag=f"_x2_e{e}", model="small_cnn_x2")
+            self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
+
+
+def plan(tables, dataset, preset, seeds, full_eval):
+    """The :class:`Plan` of ``tables``."""
+    p = Plan(dataset, preset, seeds, full_eval)
+    for table in tables:
+        getattr(p, f"{table}_table")()
+    return p
+
+
+# ---- execution ---------------------------------------------------------------------------------------------
+
+
+def _commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def train_command(spec, runs_dir):
+    """The ``python -m training.run`` command line of ``spec`` (``--from`` paths inside ``runs_dir``)."""
+    cmd = [sys.executable, "-m", "training.run"]
+    for key, value in spec.flags.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "from":
+            value = runs_dir / value
+        if value is True:
+            cmd.append(flag)
+        elif value is not False and value is not None:
+            cmd += [flag, str(value)]
+    return cmd + ["--out", str(runs_dir / spec.id), "--verbose", "2"]
+
+
+def eval_command(spec, runs_dir, n_examples):
+    """The ``python -m training.evaluate`` command line of ``spec``."""
+    return [sys.executable, "-m", "training.evaluate", str(runs_dir / spec.id), "--attacks", ",".join(spec.attacks),
+            "--n-examples", str(n_examples), "--resume", "--verbose", "2"]
+
+
+def _attacks_done(run_dir, attacks):
+    try:
+        report = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(a in report.get("attacks", {}) for a in attacks)
+
+
+def _call(cmd, log):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+class Manifest:
+    """``manifest.json``: the settings of the results directory and every run's command, commit and times."""
+
+    def __init__(self, path, settings):
+        self.path = path
+        self.data = {"settings": settings, "runs": {}}
+        if path.exists():
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError as exc:
+                raise ConfigError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
+            if saved.get("settings") != settings:
+                diff = {k: (saved.get("settings", {}).get(k), v) for k, v in settings.items()
+                        if saved.get("settings", {}).get(k) != v}
+                raise ConfigError(f"--out: {path.parent} was made with other settings (saved, now): {diff}; "
+                                  "use another --out")
+            self.data = saved
+
+    def record(self, rid, **entry):
+        self.data["runs"].setdefault(rid, {}).update(entry)
+        self.save()
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def execute(the_plan, runs_dir, out, manifest, dry_run=False):
+    """Train and evaluate every planned run that is not done; returns the ids that failed."""
+    specs = list(the_plan.runs.values())
+    n = len(specs)
+    total_cost = sum(s.cost for s in specs)
+    done_cost, seconds, measured_cost, failed = 0.0, 0.0, 0.0, []
+    for i, spec in enumerate(specs, start=1):
+        run_dir = runs_dir / spec.id
+        rate = seconds / measured_cost if measured_cost else 45.0  # seconds per AT-epoch unit
+        eta = (total_cost - done_cost) * rate
+        finished = (run_dir / "metrics.json").is_file()
+        evaluated = _attacks_done(run_dir, spec.attacks)
+        state = "done" if finished and evaluated else "evaluate" if finished else \
+            "resume" if (run_dir / "config.json").is_file() else "train"
+        print(f"[{i}/{n}] {spec.id}: {state}  (ETA of the rest ≈ {eta / 60:.0f} min)", flush=True)
+        done_cost += spec.cost
+        train_cmd = train_command(spec, runs_dir)
+        if state in ("resume", "train"):
+            if any(dep in failed for dep in spec.deps):
+                print(f"    skipped: it starts from a failed run ({', '.join(spec.deps)})")
+                failed.append(spec.id)
+                continue
+            if dry_run:
+                continue
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            cmd = train_cmd + (["--resume"] if state == "resume" else [])
+            manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit())
+            t0 = time.time()
+            result = _call(cmd, runs_dir / f"{spec.id}.log")
+            wall = time.time() - t0
+            if result.returncode != 0:
+                print(f"    training failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
+                failed.append(spec.id)
+                manifest.record(spec.id, status="failed", command=_display(train_cmd), commit=_commit())
+                continue
+            seconds, measured_cost = seconds + wall, measured_cost + spec.cost
+        if dry_run:
+            continue
+        if not evaluated:
+            result = _call(eval_command(spec, runs_dir, the_plan.p["eval_examples"]), runs_dir / f"{spec.id}.log")
+            if result.returncode not in (0, 3):  # 3 = order-check warning, reported in eval.json
+                print(f"    evaluation failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
+                failed.append(spec.id)
+                continue
+        _collect(spec, runs_dir, out, manifest, train_cmd,
+                 eval_command(spec, runs_dir, the_plan.p["eval_examples"]))
+    return failed
+
+
+def _display(cmd):
+    """A command line as a user would type it from the repository root."""
+    return " ".join(["python"] + [str(c).replace(str(ROOT) + os.sep, "") for c in cmd[1:]])
+
+
+def _collect(spec, runs_dir, out, manifest, train_cmd, eval_cmd):
+    """Copy the run's metrics and evaluation into ``out/runs/ID`` and record the run in the manifest."""
+    run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "eval.json", "eval.md"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    entry = manifest.data["runs"].get(spec.id, {})
+    manifest.record(spec.id, status="finished", command=_display(train_cmd), evaluate=_display(eval_cmd),
+                    commit=entry.get("commit") or _commit(), train_seconds=metrics["train_seconds"],
+                    wall_seconds=metrics["wall_seconds"])
+
+
+@one_line_errors
+def main(argv=None):
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--table", default="bcs", help=f"comma-separated tables: {', '.join(TABLES)}, or all")
+    p.add_argument("--dataset", default="fashion_mnist", help="dataset of every run")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="run lengths (see PRESETS)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (mean ± std when > 1)")
+    p.add_argument("--full-eval", action="store_true",
+                   help=f"evaluate every run with {', '.join(FULL_ATTACKS)} (default: clean and PGD-50)")
+    p.add_argument("--out", default=None, help="results directory (default results/DATASET)")
+    p.add_argument("--runs-dir", default=None, help="run directories (default runs/reproduce/DATASET-PRESET)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what is done, train nothing")
+    args = p.parse_args(argv)
+    tables = TABLES if args.table == "all" else tuple(t.strip() for t in args.table.split(",") if t.strip())
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown or not tables:
+        raise ConfigError(f"--table: choose from {', '.join(TABLES)} or all. Received: {args.table!r}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1. Received: {args.seeds}")
+    from bcs_tf.data import DATASETS
+
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"--dataset: must be one of {', '.join(DATASETS)}. Received: {args.dataset!r}")
+    out = pathlib.Path(args.out or f"results/{args.dataset}")
+    runs_dir = pathlib.Path(args.runs_dir or f"runs/reproduce/{args.dataset}-{args.preset}").resolve()
+    settings = {"dataset": args.dataset, "preset": args.preset, **{k: list(v) if isinstance(v, tuple) else v
+                                                                    for k, v in PRESETS[args.preset].items()}}
+    manifest = Manifest(out / "manifest.json", settings)
+    the_plan = plan(tables, args.dataset, args.preset, args.seeds, args.full_eval)
+    print(f"{len(the_plan.runs)} runs for table(s) {', '.join(tables)} ({args.preset} preset) in {runs_dir}")
+    t0 = time.time()
+    failed = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    from training.tables import write_tables
+
+    written = write_tables(tables, the_plan, out, runs_dir)
+    manifest.data.setdefault("invocations", []).append(
+        {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(),
+         "wall_seconds": time.time() - t0, "failed": failed})
+    manifest.save()
+    print(f"wrote {', '.join(str(w) for w in written)}; {len(failed)} run(s) failed" if failed else
+          f"wrote {', '.join(str(w) for w in written)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
