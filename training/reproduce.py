@@ -30,7 +30,8 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
 SPARSITY_METHODS = ("fixed", "lottery", "lottery_reinit", "bcs", "hydra")
 FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
 # relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
-OBJECTIVE_COST = {"natural": 0.15, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
+OBJECTIVE_COST = {"natural": 0.25, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
+RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the evaluation, in the same units
 
 PRESETS = {
     # ≈ 75 min for the AT and TRADES rows of the BCS table (+ the natural row) on 2 CPU cores
@@ -60,7 +61,7 @@ class RunSpec:
         if self.flags["method"] == "lottery":
             epochs += (self.flags["prune_rounds"] - 1) * self.flags["round_epochs"]
         width = {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
-        return epochs * OBJECTIVE_COST[self.flags["objective"]] * width
+        return (epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * width
 
 
 def _conn(sparsity):
@@ -95,6 +96,8 @@ class Plan:
         flags = {"objective": objective, "method": method, "connectivity": connectivity, "dataset": self.dataset,
                  "epochs": epochs or self.p["epochs"], "val_split": self.p["val_split"], "eps": self.p["eps"],
                  "seed": seed, **extra}
+        if objective == "natural":  # no robustness to select by: the best epoch is the best clean one
+            flags["select_by"] = "clean"
         if source:
             flags["from"] = source
         return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks))).id
