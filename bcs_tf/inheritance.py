@@ -18,6 +18,8 @@ small_cnn_x2, WRN-28-2 → WRN-28-4), then is adversarially trained. The variant
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 
@@ -25,7 +27,7 @@ from bcs_tf.errors import ConfigError
 from bcs_tf.masks import PRUNABLE, kernels, prunable_layers
 
 
-def _embed(small, large, new_inputs_zero):
+def _embed(small, large, new_inputs_zero=True):
     """``large`` with ``small`` in its leading corner; inputs beyond small's set to 0 for inherited outputs."""
     out = np.array(large, dtype=np.float32, copy=True)
     if small.ndim >= 2 and new_inputs_zero:
@@ -40,8 +42,31 @@ def _dense_after_flatten(small, large, c_small, c_large):
     if spatial * c_small != small.shape[0] or spatial * c_large != large.shape[0]:
         raise ConfigError(f"cannot map a dense kernel of shape {small.shape} onto {large.shape}")
     s3 = small.reshape(spatial, c_small, small.shape[1])
-    l3 = large.reshape(spatial, c_large, large.shape[1])
-    return _embed(s3, l3, new_inputs_zero=True).reshape(large.shape)
+    l3 = np.reshape(large, (spatial, c_large, large.shape[1]))
+    return _embed(s3, l3).reshape(large.shape)
+
+
+def _kernel_maps(small, large):
+    """For each prunable layer of ``large``: ``(layer, small kernel, embed)``, embed(small, large) → large.
+
+    A dense kernel whose input is wider than its predecessor's channels reads a flattened feature map and is
+    mapped position by position; every other kernel goes into the leading corner.
+    """
+    small_layers = {layer.name: layer for layer in small._flatten_layers(include_self=False)}
+    small_kernels = kernels(small)
+    previous = None  # output channels (small, large) of the previous prunable layer
+    for layer in prunable_layers(large):
+        if not isinstance(small_layers.get(layer.name), PRUNABLE):
+            raise ConfigError(f"the small network has no layer {layer.name!r}: not the same model family")
+        s_kernel, l_shape = small_kernels[layer.name], tuple(layer.kernel.shape)
+        if s_kernel.ndim != len(l_shape) or any(a > b for a, b in zip(s_kernel.shape, l_shape)):
+            raise ConfigError(f"layer {layer.name!r}: small kernel {s_kernel.shape} does not fit into {l_shape}")
+        if s_kernel.ndim == 2 and previous and s_kernel.shape[0] not in (l_shape[0], previous[0]):
+            embed = functools.partial(_dense_after_flatten, c_small=previous[0], c_large=previous[1])
+        else:
+            embed = _embed
+        yield layer, s_kernel, embed
+        previous = (s_kernel.shape[-1], l_shape[-1])
 
 
 def inherit_weights(small, large):
@@ -51,51 +76,20 @@ def inherit_weights(small, large):
     as wide as its small counterpart. Raises ConfigError otherwise.
     """
     small_layers = {layer.name: layer for layer in small._flatten_layers(include_self=False)}
-    small_kernels = kernels(small)
-    channels = {}  # output channels of each prunable layer: (small, large)
-    previous = None
-    for layer in prunable_layers(large):
-        src = small_layers.get(layer.name)
-        if src is None or not isinstance(src, PRUNABLE):
-            raise ConfigError(f"the small network has no layer {layer.name!r}: not the same model family")
-        s_kernel = small_kernels[layer.name]
-        l_kernel = keras.ops.convert_to_numpy(layer.kernel)
-        if s_kernel.ndim != l_kernel.ndim or any(a > b for a, b in zip(s_kernel.shape, l_kernel.shape)):
-            raise ConfigError(f"layer {layer.name!r}: small kernel {s_kernel.shape} does not fit into "
-                              f"{l_kernel.shape}")
-        if s_kernel.ndim == 2 and previous and s_kernel.shape[0] != l_kernel.shape[0] \
-                and s_kernel.shape[0] != channels[previous][0]:
-            new = _dense_after_flatten(s_kernel, l_kernel, *channels[previous])
-        else:
-            new = _embed(s_kernel, l_kernel, new_inputs_zero=True)
-        layer.kernel.assign(new)
-        if getattr(layer, "bias", None) is not None and getattr(src, "bias", None) is not None:
-            layer.bias.assign(_embed(keras.ops.convert_to_numpy(src.bias), keras.ops.convert_to_numpy(layer.bias),
-                                     new_inputs_zero=False))
-        channels[layer.name] = (s_kernel.shape[-1], l_kernel.shape[-1])
-        previous = layer.name
+    for layer, s_kernel, embed in _kernel_maps(small, large):
+        layer.kernel.assign(embed(s_kernel, keras.ops.convert_to_numpy(layer.kernel)))
+        src_bias = getattr(small_layers[layer.name], "bias", None)
+        if getattr(layer, "bias", None) is not None and src_bias is not None:
+            layer.bias.assign(_embed(keras.ops.convert_to_numpy(src_bias), keras.ops.convert_to_numpy(layer.bias)))
     for layer in large._flatten_layers(include_self=False):
         if isinstance(layer, keras.layers.BatchNormalization):
-            src = small_layers.get(layer.name)
-            if src is None:
+            if layer.name not in small_layers:
                 raise ConfigError(f"the small network has no layer {layer.name!r}: not the same model family")
-            for var, value in zip(layer.weights, src.get_weights()):
-                var.assign(_embed(value, keras.ops.convert_to_numpy(var), new_inputs_zero=False))
+            for var, value in zip(layer.weights, small_layers[layer.name].get_weights()):
+                var.assign(_embed(value, keras.ops.convert_to_numpy(var)))
 
 
 def inherited_positions(small, large):
-    """``{layer name: bool mask}`` of the large kernel entries that inherit a small-network weight (for tests)."""
-    result = {}
-    channels, previous = {}, None
-    small_kernels = kernels(small)
-    for layer in prunable_layers(large):
-        s_shape, l_shape = small_kernels[layer.name].shape, tuple(layer.kernel.shape)
-        ones, zeros = np.ones(s_shape, np.float32), np.zeros(l_shape, np.float32)
-        if len(s_shape) == 2 and previous and s_shape[0] != l_shape[0] and s_shape[0] != channels[previous][0]:
-            mask = _dense_after_flatten(ones, zeros, *channels[previous])
-        else:
-            mask = _embed(ones, zeros, new_inputs_zero=False)
-        result[layer.name] = mask.astype(bool)
-        channels[layer.name] = (s_shape[-1], l_shape[-1])
-        previous = layer.name
-    return result
+    """``{layer name: bool mask}`` of the large kernel entries that inherit a small-network weight."""
+    return {layer.name: embed(np.ones(s_kernel.shape, np.float32), np.zeros(tuple(layer.kernel.shape))) > 0
+            for layer, s_kernel, embed in _kernel_maps(small, large)}

@@ -56,6 +56,8 @@ def test_every_pruning_method_hits_its_exact_budget(tmp_path, dense_run, method,
                         "--max-steps", "3", "--out", str(out)] + extra) == 0
     metrics = _metrics(out)
     assert _exact_budget(metrics)
+    logged = {k: v for k, v in metrics["history"][-1].items() if k.startswith("active/")}
+    assert len(logged) == 5 and sum(logged.values()) == sum(metrics["allocation"]["budgets"])
     expected = RunConfig(connectivity=0.05)  # the budget the allocation rules give for this network
     net, allocation = build_model("small_cnn", "random", expected.connectivity, budget)
     assert metrics["allocation"]["budgets"] == list(allocation.budgets)

@@ -126,16 +126,17 @@ class Plan:
         lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
         for seed in range(self.seeds):
             dense = self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")
-            for s in SPARSITIES[1:]:
+            small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
+            self.run("at", "iwi", 1.0, seed, epochs=e, source=small, tag=f"_x2_e{e}", model="small_cnn_x2")
+            self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
+            # the extremes first, so a stopped reproduction has the most telling cells
+            for s in sorted(SPARSITIES[1:], key=lambda s: (s not in (0.99, 0.9), -s)):
                 c = _conn(s)
                 self.run("at", "fixed", c, seed, epochs=e, source=dense, tag=f"_e{e}")
                 self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
                 self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_reinit_e{e}", reinit=True, **lottery)
                 self.run("at", "bcs", c, seed, epochs=e, tag=f"_e{e}")
                 self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
-            small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
-            self.run("at", "iwi", 1.0, seed, epochs=e, source=small, tag=f"_x2_e{e}", model="small_cnn_x2")
-            self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
 
 
 def plan(tables, dataset, preset, seeds, full_eval):

@@ -1,0 +1,85 @@
+"""training.reproduce: dependency order, skipping finished runs, resuming a killed one, refusing other settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from training.reproduce import main, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_puts_every_source_run_before_the_runs_that_start_from_it():
+    the_plan = plan(("bcs", "hydra", "sparsity"), "fashion_mnist", "quick", seeds=2, full_eval=False)
+    order = list(the_plan.runs)
+    assert len(order) == len(set(order))
+    for i, rid in enumerate(order):
+        for dep in the_plan.runs[rid].deps:
+            assert order.index(dep) < i
+    methods = {spec.flags["method"] for spec in the_plan.runs.values()}
+    assert methods == {"dense", "random", "fixed", "bcs", "hydra", "lottery", "iwi"}
+    assert {rid.rsplit("_s", 1)[1] for rid in order} == {"0", "1"}
+    # the HYDRA table's attack columns are added to the BCS runs both tables share
+    assert set(the_plan.runs["at/bcs_c0.01_s0"].attacks) >= {"clean", "fgsm", "pgd50", "pgd100"}
+
+
+def _reproduce(out, runs, preset="smoke", **popen):
+    cmd = [sys.executable, "-m", "training.reproduce", "--table", "bcs", "--dataset", "synthetic", "--preset", preset,
+           "--out", str(out), "--runs-dir", str(runs)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+
+
+def test_reproduce_resumes_a_killed_run_skips_finished_ones_and_refuses_other_settings(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    first = _reproduce(out, runs)
+    state = runs / "at" / "dense_s0" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), "the first run never wrote its epoch-1 checkpoint"
+    os.killpg(first.pid, signal.SIGKILL)  # the whole process group: reproduce and its training run
+    first.wait()
+    assert not (runs / "at" / "dense_s0" / "metrics.json").exists(), "killed too late to test resuming"
+
+    second = _reproduce(out, runs)
+    log, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, log
+    assert "[1/7] at/dense_s0: resume" in log
+    assert "resuming" in (runs / "at" / "dense_s0.log").read_text()
+    table = (out / "table_bcs.md").read_text()
+    assert "—" not in table.split("| Standard AT (Madry) |")[1]  # every cell filled
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 7 and all(r["status"] == "finished" for r in manifest["runs"].values())
+    assert "--from" in manifest["runs"]["at/fixed_c0.01_s0"]["command"]
+    for rid in manifest["runs"]:
+        metrics = json.loads((out / "runs" / rid / "metrics.json").read_text())
+        if metrics["allocation"]:
+            assert metrics["connectivity"]["active"] == sum(metrics["allocation"]["budgets"])
+
+    mtimes = {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
+    third = _reproduce(out, runs)
+    log, _ = third.communicate(timeout=300)
+    assert third.returncode == 0 and log.count(": done") == 7, log
+    assert mtimes == {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
+
+    before = (out / "manifest.json").read_text()
+    refused = _reproduce(out, runs, preset="quick")
+    log, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and "error: --out" in log and "other settings" in log, log
+    assert (out / "manifest.json").read_text() == before
+
+
+@pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),
+                                         (["--dataset", "mnist"], "--dataset")])
+def test_bad_reproduce_flags_give_one_line(tmp_path, capsys, argv, needle):
+    assert main(argv + ["--out", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
