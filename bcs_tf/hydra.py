@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from bcs_tf.masks import top_k_masks
 from bcs_tf.layers import sparse_layers
+from bcs_tf.masks import top_k_masks
 from bcs_tf.trainer import RobustTrainer
 
 

@@ -83,6 +83,12 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
     assert json.loads((run / "eval.json").read_text())["attacks"] == saved  # a refused resume writes nothing
     assert eval_main([str(run), "--attacks", "clean,cw", "--overwrite", "--verbose", "0"]) == 2
     assert "unknown attack" in capsys.readouterr().err
+    # a second report beside the first, e.g. a costly attack on fewer examples
+    assert eval_main([str(run), "--attacks", "clean,pgd5", "--n-examples", "16", "--verbose", "0", "--name",
+                      "eval_small"]) == 0
+    assert json.loads((run / "eval_small.json").read_text())["n_examples"] == 16
+    assert json.loads((run / "eval.json").read_text())["attacks"] == saved
+    assert eval_main(flags + ["--name", "../x"]) == 2 and "--name" in capsys.readouterr().err
 
 
 def test_brendel_bethge_runs_with_starting_points_and_is_no_weaker_than_clean():

@@ -315,6 +315,8 @@ def main(argv=None):
     p.add_argument("--autoattack", choices=("standard", "art"), default="standard",
                    help="standard: APGD-CE → APGD-T → Square on survivors; art: ART's AutoAttack class")
     p.add_argument("--strict", action="store_true", help="exit 3 when the order check fails")
+    p.add_argument("--name", default="eval", help="report file stem in the run directory (NAME.json, NAME.md), "
+                   "e.g. to keep a costly AutoAttack on fewer examples beside the main evaluation")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace an existing eval.json / eval.md")
     group.add_argument("--resume", action="store_true",
@@ -339,7 +341,9 @@ def _previous_results(out_json, settings):
 def evaluate(args):
     """Evaluate a run directory; returns the exit code. ``eval.json`` is rewritten after every attack."""
     run_dir = pathlib.Path(args.run_dir)
-    out_json, out_md = run_dir / "eval.json", run_dir / "eval.md"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise ConfigError(f"--name: letters, digits, '_', '.', '-' only. Received: {args.name!r}")
+    out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"
     if (out_json.exists() or out_md.exists()) and not (args.overwrite or args.resume):
         raise ConfigError(f"{out_json} exists; pass --resume to continue it or --overwrite to replace it")
     if args.restarts < 1 or args.batch_size < 1 or (args.n_examples is not None and args.n_examples < 1):

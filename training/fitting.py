@@ -14,9 +14,9 @@ import pathlib
 import keras
 
 from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint
-from bcs_tf.layers import sparse_layers
 from bcs_tf.data import augment_batch, batches_per_epoch, labelled_split, load_extra_data, make_mixed_pipeline, \
     make_pipeline
+from bcs_tf.layers import sparse_layers
 from training.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
 
 

@@ -1,8 +1,11 @@
 """``python -m training.run``: robust (sparse) training with validation-based model selection.
 
-Writes to ``--out``: ``model.keras`` (best validation epoch; loads with ``keras.models.load_model`` after
-``import bcs_tf``), ``metrics.json`` (test clean / PGD accuracy, per-layer connectivity, wall time, config),
-``config.json``, ``checkpoint/`` (resumable with ``--resume``) and TensorBoard logs in ``logs/``.
+The procedure: the method (``--method``, training/methods/) builds the network — from scratch, or from the
+``--from`` run, training its earlier phases in ``phases/`` —, the final phase trains it with the robust
+objective, and the selected epoch is tested once. Writes to ``--out``: ``model.keras`` (best validation epoch;
+loads with ``keras.models.load_model`` after ``import bcs_tf``), ``metrics.json`` (test clean / PGD accuracy,
+per-layer connectivity, wall time, config), ``config.json``, ``checkpoint/`` (resumable with ``--resume``),
+``snapshots/`` (early weights, for lottery rewinding) and TensorBoard logs in ``logs/``.
 """
 
 from __future__ import annotations
