@@ -246,3 +246,34 @@ def test_iwi_inherits_the_small_weights_exactly_where_documented(small_name, lar
     x = np.random.default_rng(1).uniform(size=(4,) + shape).astype("float32")
     np.testing.assert_allclose(np.asarray(large(x, training=False)), np.asarray(small(x, training=False)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_lottery_run_killed_inside_a_pruning_round_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
+                                                                                        capsys, dense_run):
+    import training.fitting as fitting_module
+
+    class Killed(Exception):
+        pass
+
+    class KilledAfterFirstEpoch(fitting_module.EpochCheckpoint):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            raise Killed
+
+    flags = FAST + ["--method", "lottery", "--from", str(dense_run), "--connectivity", "0.05", "--prune-rounds", "2",
+                    "--round-epochs", "2", "--epochs", "1"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(flags + ["--out", str(whole)]) == 0
+    monkeypatch.setattr(fitting_module, "EpochCheckpoint", KilledAfterFirstEpoch)
+    with pytest.raises(Killed):
+        main(flags + ["--out", str(split)])
+    monkeypatch.undo()
+    assert not (split / "checkpoint").exists()  # killed inside round 1
+    capsys.readouterr()
+    assert main(flags + ["--out", str(split), "--resume"]) == 0
+    assert f"resuming {split / 'phases' / 'round1'} after epoch 1" in capsys.readouterr().out
+    a, b = _metrics(whole), _metrics(split)
+    strip = lambda h: [{k: v for k, v in e.items() if "seconds" not in k} for e in h]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
+    assert (a["test_clean_acc"], a["test_pgd2_acc"]) == (b["test_clean_acc"], b["test_pgd2_acc"])
+    assert _exact_budget(b)
