@@ -28,3 +28,20 @@ def tiny_sparse_net(connectivity=0.2, seed=0, input_shape=(8, 8, 1), num_classes
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
+
+
+class Killed(Exception):
+    """Raised by the training a test "kills" right after its first checkpoint."""
+
+
+@pytest.fixture
+def kill_after_first_epoch(monkeypatch):
+    """Call the returned function to make the next training die right after its first epoch's checkpoint."""
+    import training.fitting as fitting
+
+    class KilledAfterFirstEpoch(fitting.EpochCheckpoint):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
+            raise Killed
+
+    return lambda: monkeypatch.setattr(fitting, "EpochCheckpoint", KilledAfterFirstEpoch)

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import Killed
 
 from training.run import main
 
@@ -168,17 +169,8 @@ def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
 
 
 @pytest.mark.parametrize("setting", ["plain", "augmented", "rst"])
-def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch, setting):
-    import training.fitting as fitting_module
-
-    class Killed(Exception):
-        pass
-
-    class KilledAfterFirstEpoch(fitting_module.EpochCheckpoint):
-        def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
-            raise Killed
-
+def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                             kill_after_first_epoch, setting):
     flags = FAST + ["--epochs", "2", "--augment", "on" if setting == "augmented" else "off"]
     if setting == "rst":  # a pool smaller than an epoch needs, so it is drawn from more than once per epoch
         pool = tmp_path / "pool.npz"
@@ -187,7 +179,7 @@ def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tm
         flags += ["--objective", "rst", "--extra-data", str(pool), "--labelled-fraction", "0.5", "--augment", "on"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(flags + ["--out", str(whole)]) == 0
-    monkeypatch.setattr(fitting_module, "EpochCheckpoint", KilledAfterFirstEpoch)
+    kill_after_first_epoch()
     with pytest.raises(Killed):
         main(flags + ["--out", str(split)])
     monkeypatch.undo()

@@ -5,6 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
+from conftest import Killed
 import tensorflow as tf
 
 from bcs_tf.attacks import AttackConfig
@@ -249,22 +250,13 @@ def test_iwi_inherits_the_small_weights_exactly_where_documented(small_name, lar
 
 
 def test_a_lottery_run_killed_inside_a_pruning_round_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
-                                                                                        capsys, dense_run):
-    import training.fitting as fitting_module
-
-    class Killed(Exception):
-        pass
-
-    class KilledAfterFirstEpoch(fitting_module.EpochCheckpoint):
-        def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)
-            raise Killed
-
+                                                                                        kill_after_first_epoch, capsys,
+                                                                                        dense_run):
     flags = FAST + ["--method", "lottery", "--from", str(dense_run), "--connectivity", "0.05", "--prune-rounds", "2",
                     "--round-epochs", "2", "--epochs", "1"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(flags + ["--out", str(whole)]) == 0
-    monkeypatch.setattr(fitting_module, "EpochCheckpoint", KilledAfterFirstEpoch)
+    kill_after_first_epoch()
     with pytest.raises(Killed):
         main(flags + ["--out", str(split)])
     monkeypatch.undo()
