@@ -35,8 +35,11 @@ class Killed(Exception):
 
 
 @pytest.fixture
-def kill_after_first_epoch(monkeypatch):
-    """Call the returned function to make the next training die right after its first epoch's checkpoint."""
+def whole_and_killed(monkeypatch, tmp_path):
+    """``run(main, flags) -> (whole, split)``: an uninterrupted run, and the same run killed after its first epoch.
+
+    ``split`` holds what the killed process left behind (its first checkpoint), ready for ``--resume``.
+    """
     import training.fitting as fitting
 
     class KilledAfterFirstEpoch(fitting.EpochCheckpoint):
@@ -44,4 +47,13 @@ def kill_after_first_epoch(monkeypatch):
             super().on_epoch_end(epoch, logs)  # the checkpoint is written, then the process "dies"
             raise Killed
 
-    return lambda: monkeypatch.setattr(fitting, "EpochCheckpoint", KilledAfterFirstEpoch)
+    def run(main, flags):
+        whole, split = tmp_path / "whole", tmp_path / "split"
+        assert main(flags + ["--out", str(whole)]) == 0
+        monkeypatch.setattr(fitting, "EpochCheckpoint", KilledAfterFirstEpoch)
+        with pytest.raises(Killed):
+            main(flags + ["--out", str(split)])
+        monkeypatch.undo()
+        return whole, split
+
+    return run

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import Killed
 
 from training.run import main
 
@@ -169,20 +168,15 @@ def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
 
 
 @pytest.mark.parametrize("setting", ["plain", "augmented", "rst"])
-def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, monkeypatch,
-                                                                             kill_after_first_epoch, setting):
+def test_a_run_killed_after_an_epoch_and_resumed_matches_an_uninterrupted_one(tmp_path, whole_and_killed,
+                                                                             setting):
     flags = FAST + ["--epochs", "2", "--augment", "on" if setting == "augmented" else "off"]
     if setting == "rst":  # a pool smaller than an epoch needs, so it is drawn from more than once per epoch
         pool = tmp_path / "pool.npz"
         rng = np.random.default_rng(0)
         np.savez(pool, x=rng.uniform(size=(200, 28, 28, 1)).astype("float32"), y=rng.integers(0, 10, 200))
         flags += ["--objective", "rst", "--extra-data", str(pool), "--labelled-fraction", "0.5", "--augment", "on"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(flags + ["--out", str(whole)]) == 0
-    kill_after_first_epoch()
-    with pytest.raises(Killed):
-        main(flags + ["--out", str(split)])
-    monkeypatch.undo()
+    whole, split = whole_and_killed(main, flags)
     assert main(flags + ["--out", str(split), "--resume"]) == 0
     a, b = (json.loads((run / "metrics.json").read_text()) for run in (whole, split))
     assert [{k: v for k, v in h.items() if "seconds" not in k} for h in a["history"]] == \

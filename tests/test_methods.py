@@ -5,7 +5,6 @@ import json
 import keras
 import numpy as np
 import pytest
-from conftest import Killed
 import tensorflow as tf
 
 from bcs_tf.attacks import AttackConfig
@@ -249,17 +248,11 @@ def test_iwi_inherits_the_small_weights_exactly_where_documented(small_name, lar
                                rtol=1e-4, atol=1e-4)
 
 
-def test_a_lottery_run_killed_inside_a_pruning_round_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch,
-                                                                                        kill_after_first_epoch, capsys,
-                                                                                        dense_run):
+def test_a_lottery_run_killed_inside_a_pruning_round_resumes_to_the_uninterrupted_result(whole_and_killed,
+                                                                                        capsys, dense_run):
     flags = FAST + ["--method", "lottery", "--from", str(dense_run), "--connectivity", "0.05", "--prune-rounds", "2",
                     "--round-epochs", "2", "--epochs", "1"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(flags + ["--out", str(whole)]) == 0
-    kill_after_first_epoch()
-    with pytest.raises(Killed):
-        main(flags + ["--out", str(split)])
-    monkeypatch.undo()
+    whole, split = whole_and_killed(main, flags)
     assert not (split / "checkpoint").exists()  # killed inside round 1
     capsys.readouterr()
     assert main(flags + ["--out", str(split), "--resume"]) == 0

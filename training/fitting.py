@@ -96,22 +96,19 @@ class Snapshots(keras.callbacks.Callback):
 
 
 def train_pipeline(cfg, data, initial_epoch, epochs):
-    """The training batches for epochs [initial_epoch, epochs) and the number of steps per epoch.
+    """The training batches for epochs [initial_epoch, epochs).
 
     Batches (order, extra data and augmentation) depend only on (seed, epoch, step), so a resumed phase
     trains on the same batches as an uninterrupted one.
     """
     (x_train, y_train), _ = labelled_split(data.x_train, data.y_train, cfg.labelled_fraction)
-    steps = batches_per_epoch(len(x_train), cfg.batch_size, cfg.extra_fraction if cfg.extra_data else None)
     augment = functools.partial(augment_batch, flip=not cfg.no_flip) if cfg.augmented else None
     if cfg.extra_data:  # RST: every batch mixes labelled and pseudo-labelled examples
         x_extra, y_extra = load_extra_data(cfg.extra_data)
-        ds = make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
-                                 seed=cfg.seed, augment=augment, epochs=(initial_epoch, epochs))
-    else:
-        ds = make_pipeline(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
-                           epochs=(initial_epoch, epochs))
-    return ds, steps
+        return make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
+                                   seed=cfg.seed, augment=augment, epochs=(initial_epoch, epochs))
+    return make_pipeline(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
+                         epochs=(initial_epoch, epochs))
 
 
 def steps_per_epoch(cfg, data):
@@ -148,7 +145,7 @@ def fit_phase(trainer, cfg, data, directory, epochs, lr=None, verbose=1, select_
         callbacks.append(StopAfterSteps(max_steps))
     initial_epoch = state["epoch"] if state else 0
     last_epoch = min(epochs, math.ceil(total_steps / per_epoch))
-    train_ds, _ = train_pipeline(cfg, data, initial_epoch, last_epoch)
+    train_ds = train_pipeline(cfg, data, initial_epoch, last_epoch)
     val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
     saver.trained = initial_epoch < last_epoch
     if saver.trained:
