@@ -10,8 +10,8 @@ trained model's masks are unstructured too). Targets: 99%-sparse ``.tflite`` ≤
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from bcs_tf.models import MODELS, build_model  # noqa: E402
 from export import onnx_export, tflite, verify  # noqa: E402
 from export.strip import kernel_nonzeros, strip_model  # noqa: E402
+from training import cli  # noqa: E402
 
 
 def sizes_for(model_name, connectivity, calibration=32):
@@ -60,11 +61,12 @@ def sizes_for(model_name, connectivity, calibration=32):
     return nnz, rows
 
 
+@cli.one_line_errors
 def main(argv=None):
     """Print one table row per model × connectivity × format × quantisation."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="small_cnn,vgg16")
-    p.add_argument("--connectivities", default="1.0,0.1,0.01")
+    p = cli.parser("python -m bench.export_size", __doc__)
+    p.add_argument("--models", default="small_cnn,vgg16", help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--connectivities", default="1.0,0.1,0.01", help="comma-separated connectivities in (0, 1]")
     args = p.parse_args(argv)
     print("| model | c | nonzeros | format | quantize | storage | KiB | floor KiB | size/floor | loads (default) "
           "| before KiB |")
@@ -79,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,8 +11,8 @@ eagerly (how research code without ``tf.function`` runs it) as a baseline.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import statistics
 import time
 
@@ -26,6 +26,7 @@ from bcs_tf.attacks import AttackConfig  # noqa: E402
 from bcs_tf.models import MODELS, PRECISIONS, build_model  # noqa: E402
 from bcs_tf.objectives import make_objective  # noqa: E402
 from bcs_tf.trainer import RobustTrainer  # noqa: E402
+from training import cli  # noqa: E402
 
 METHODS = ("dense", "random", "bcs")
 
@@ -59,14 +60,15 @@ def sampler_ms(trainer, repeats):
     return 1000 * statistics.median(times)
 
 
+@cli.one_line_errors
 def main(argv=None):
     """Print per-method median step times (ms) and the ratios for each objective and precision."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="small_cnn", choices=sorted(MODELS))
-    p.add_argument("--objectives", default="at,trades")
-    p.add_argument("--connectivity", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--attack-steps", type=int, default=10)
+    p = cli.parser("python -m bench.step_time", __doc__)
+    p.add_argument("--model", default="small_cnn", choices=sorted(MODELS), help="network to time")
+    p.add_argument("--objectives", default="at,trades", help="comma-separated training objectives")
+    p.add_argument("--connectivity", type=float, default=0.01, help="connectivity of the sparse methods")
+    p.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    p.add_argument("--attack-steps", type=int, default=10, help="PGD steps of the training attack")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     p.add_argument("--precision", default="float32", help=f"comma-separated, from {', '.join(PRECISIONS)}")
@@ -119,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,193 +7,50 @@ Keras model, single-example latency); results go to ``export_report.json`` besid
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import pathlib
-import subprocess
 import sys
-import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from export.options import FORMATS, QUANTIZE, default_out
+from training import cli
 
-import numpy as np  # noqa: E402
 
-import bcs_tf  # noqa: E402,F401  (registers the sparse layers for load_model)
-from bcs_tf.connectivity import allocate_budget, connectivity_report  # noqa: E402
-from bcs_tf.data import load_dataset  # noqa: E402
-from bcs_tf.errors import CheckpointError, ConfigError, one_line_errors  # noqa: E402
-from bcs_tf.layers import sparse_layers  # noqa: E402
-from export import onnx_export, tflite, tflite_sparse, verify  # noqa: E402
-from export.strip import kernel_nonzeros, strip_model  # noqa: E402
-from training.config import load_finished_run  # noqa: E402
-
-FORMATS = ("keras", "tflite", "onnx")
+def build_parser():
+    """The ``python -m export`` parser."""
+    p = cli.parser("python -m export", __doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`")
+    fmt = p.add_argument_group("format")
+    fmt.add_argument("--format", choices=FORMATS, required=True,
+                     help="keras: stripped Keras model; tflite: LiteRT flatbuffer; onnx: ONNX (opset 17)")
+    fmt.add_argument("--quantize", choices=QUANTIZE, default="none", help="LiteRT number format (tflite only)")
+    fmt.add_argument("--int8-weights", choices=("per-channel", "per-tensor"),
+                     help="int8 weight scales (default: per-tensor for sparse models, per-channel for dense)")
+    fmt.add_argument("--onnx-dense", action="store_true", help="keep pruned ONNX initializers dense")
+    data = p.add_argument_group("data")
+    data.add_argument("--calibration-examples", type=cli.positive(int, 0), metavar="N", default=200,
+                      help="training images for int8 calibration")
+    data.add_argument("--n-examples", type=cli.positive(int), metavar="N", default=None,
+                      help="test images used for verification (default: 2000, or the whole test set if smaller)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/export/model[_QUANT].EXT)")
+    out.add_argument("--allow-mismatch", action="store_true", help="write even if parity fails (loudly)")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    out.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                     help="2: also TensorFlow's start-up log and the converters' output")
+    return p
 
 
 def parse_args(argv=None):
-    """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="a directory written by `python -m training.run`")
-    p.add_argument("--format", choices=FORMATS, required=True)
-    p.add_argument("--quantize", choices=tflite.QUANTIZE, default="none", help="LiteRT number format")
-    p.add_argument("--calibration-examples", type=int, default=200, help="training images for int8 calibration")
-    p.add_argument("--n-examples", type=int, default=2000, help="test images used for verification")
-    p.add_argument("--out", help="output file (default: RUN_DIR/export/model[_QUANT].EXT)")
-    p.add_argument("--int8-weights", choices=("per-channel", "per-tensor"),
-                   help="int8 weight scales (default: per-tensor for sparse models, per-channel for dense)")
-    p.add_argument("--onnx-dense", action="store_true", help="keep pruned ONNX initializers dense")
-    p.add_argument("--allow-mismatch", action="store_true", help="write even if parity fails (loudly)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = p.parse_args(argv)
+    """Command-line options, checked without TensorFlow."""
+    args = build_parser().parse_args(argv)
     if args.quantize != "none" and args.format != "tflite":
-        p.error("--quantize applies to --format tflite only")
-    if args.calibration_examples < 0 or args.n_examples < 1:
-        p.error("--calibration-examples must be ≥ 0 and --n-examples ≥ 1")
-    return args
-
-
-def load_run(run_dir):
-    """(model, config, claimed budget) of a run directory; refuses runs whose sparsity is not as claimed."""
-    cfg, model = load_finished_run(run_dir)
-    model_path = pathlib.Path(run_dir) / "model.keras"
-    layers = sparse_layers(model)
-    if cfg.sparse:
-        sizes = [layer.kernel_size_total for layer in layers]
-        if not sizes:
-            raise CheckpointError(f"{model_path} has no sparse layers but config.json says connectivity "
-                                  f"{cfg.connectivity} with method {cfg.method}")
-        budget = sum(allocate_budget(sizes, cfg.connectivity, cfg.budget).budgets)
-        active = connectivity_report(model)["active"]
-        if active != budget:
-            raise CheckpointError(f"{model_path} has {active} active connections but its run claims a budget of "
-                                  f"{budget} (connectivity {cfg.connectivity}, budget {cfg.budget}); refusing")
-    else:
-        budget = None
-    return model, cfg, budget
-
-
-def default_out(run_dir, fmt, quantize):
-    """RUN_DIR/export/model[_QUANT].EXT."""
-    suffix = {"keras": ".keras", "tflite": ".tflite", "onnx": ".onnx"}[fmt]
-    name = "model" + (f"_{quantize}" if fmt == "tflite" and quantize != "none" else "") + suffix
-    return pathlib.Path(run_dir) / "export" / name
-
-
-def _keras_loads_without_project(data):
-    """Whether a .keras file loads with plain Keras in a Python that never imported bcs_tf."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "m.keras"
-        path.write_bytes(data)
-        code = ("import sys, keras; keras.models.load_model(sys.argv[1]); "
-                "assert not any(m.startswith('bcs_tf') for m in sys.modules)")
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
-                             cwd=tmp)
-        return res.returncode == 0, res.stderr.strip().splitlines()[-1:] if res.returncode else []
-
-
-def build_export(plain, fmt, quantize, args, data_train, sample, budget):
-    """Serialized bytes, a runtime callable (batch → logits), the number format and conversion info."""
-    info = {"warnings": []}
-    if fmt == "keras":
-        with tempfile.TemporaryDirectory() as tmp:
-            path = pathlib.Path(tmp) / "m.keras"
-            plain.save(path)
-            data = path.read_bytes()
-        ok, err = _keras_loads_without_project(data)
-        info["loads_without_bcs_tf"] = ok
-        if not ok:
-            info["warnings"].append(f"stripped .keras does not load without bcs_tf: {err}")
-        return data, lambda x: np.asarray(plain(x, training=False)), "float32", info, None
-    if fmt == "tflite":
-        calib = data_train[: args.calibration_examples]
-        data, info = tflite.export_tflite(plain, quantize, calib, sample, sparse=budget is not None,
-                                          int8_weights=args.int8_weights)
-        info.setdefault("warnings", [])
-        number_format = {"none": "float32"}.get(quantize, quantize)
-        resolver = "default" if info["loads"]["default"] == "ok" else "reference"
-        it = tflite.interpreter(data, resolver)
-        info["runtime"] = f"ai-edge-litert ({resolver} kernels)"
-        return data, lambda x: tflite.run(it, x), number_format, info, tflite_sparse.kernel_nonzeros(data)
-    proto = onnx_export.to_onnx(plain)
-    moved = 0
-    if not args.onnx_dense:
-        proto, moved = onnx_export.sparsify(proto)
-    data = proto.SerializeToString()
-    sess = onnx_export.session(data)
-    info.update(runtime="onnxruntime", opset=onnx_export.OPSET, sparse_initializers=moved)
-    return data, lambda x: onnx_export.run(sess, x), "float32", info, onnx_export.kernel_nonzeros(proto)
-
-
-def export(args):
-    """Run one export; returns its report entry. Nothing is written when a check refuses."""
+        raise cli.FlagError(f"--quantize applies to --format tflite only. Received: --format {args.format} "
+                            f"--quantize {args.quantize}")
+    if not (pathlib.Path(args.run_dir) / "model.keras").is_file():
+        raise cli.FlagError(f"{args.run_dir} has no model.keras (is it a finished `training.run` output?)")
     out = pathlib.Path(args.out) if args.out else default_out(args.run_dir, args.format, args.quantize)
     if out.exists() and not args.overwrite:
-        raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
-    model, cfg, budget = load_run(args.run_dir)
-    plain = strip_model(model)
-    data_set = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
-    x, y = data_set.x_test[: args.n_examples], data_set.y_test[: args.n_examples]
-    data, runtime, number_format, info, exported_nnz = build_export(
-        plain, args.format, args.quantize, args, data_set.x_train, x[:1], budget)
-    keras_nnz = sum(kernel_nonzeros(plain).values())
-    exported_nnz = keras_nnz if exported_nnz is None else exported_nnz
-
-    reference = verify.batched(lambda b: np.asarray(model(b, training=False)), x)
-    exported_logits = verify.batched(runtime, x)
-    par = verify.parity(reference, exported_logits, number_format)
-    report = {
-        "file": str(out), "format": args.format, "quantize": args.quantize, "number_format": number_format,
-        "run_dir": str(args.run_dir), "parity": par,
-        "nonzeros": {"budget": budget, "keras_stripped": keras_nnz, "exported": exported_nnz},
-        "size": verify.size_report(data, keras_nnz, verify.dense_parameter_count(plain), number_format),
-        **info,
-    }
-    if budget is not None and keras_nnz != budget:
-        raise CheckpointError(f"stripped model has {keras_nnz} nonzero weights, budget is {budget}; refusing")
-    # float32 must keep every connection; narrower formats may round the tiniest weights (θ = 1e-12 for
-    # freshly re-activated entries) to zero, which is reported below.
-    if number_format == "float32" and budget is not None and exported_nnz != budget:
-        raise CheckpointError(f"exported file has {exported_nnz} nonzero weights, budget is {budget}; refusing")
-    if exported_nnz < keras_nnz:
-        report["nonzeros"]["rounded_to_zero_by_quantization"] = keras_nnz - exported_nnz
-    if not par["ok"]:
-        message = (f"parity check failed: top-1 agreement {par['top1_agreement']:.4f}, max |Δlogit| "
-                   f"{par['max_abs_diff']:.3g} (tolerance {par['tolerance']})")
-        if not args.allow_mismatch:
-            raise ConfigError(message + "; nothing written (--allow-mismatch to write anyway)")
-        report["warnings"].append(message + "; written anyway because of --allow-mismatch")
-
-    x_adv = verify.adversarial_examples(model, x, y, cfg.eps)
-    report["robustness"] = {
-        "eps": cfg.eps, "attack": "PGD-20 L-inf crafted against the Keras model (transfer)", "n": int(len(x)),
-        "keras": {"clean": verify.accuracy(reference, y),
-                  "pgd20": verify.accuracy(verify.batched(lambda b: np.asarray(model(b)), x_adv), y)},
-        "exported": {"clean": verify.accuracy(exported_logits, y),
-                     "pgd20_transfer": verify.accuracy(verify.batched(runtime, x_adv), y)},
-    }
-    report["latency_ms"] = {"median_single_example": verify.latency_ms(runtime, x[:1]),
-                            "keras_median_single_example": verify.latency_ms(
-                                lambda b: np.asarray(plain(b, training=False)), x[:1])}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-    write_report(out.parent / "export_report.json", out.name, report)
-    return report
-
-
-def write_report(path, key, entry):
-    """Merge ``entry`` under ``key`` into the JSON report at ``path`` (other entries are kept)."""
-    reports = {}
-    if path.is_file():
-        try:
-            reports = json.loads(path.read_text())
-        except ValueError:
-            path.rename(path.with_suffix(".json.corrupt"))  # keep the user's file, start a new report
-    reports[key] = entry
-    path.write_text(json.dumps(reports, indent=1))
+        raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
+    return args
 
 
 def print_table(r):
@@ -222,10 +79,15 @@ def print_table(r):
         print(f"\n*** WARNING: {warning} ***", file=sys.stderr)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv=None):
-    """CLI entry point: one-line errors (exit 2) for bad input or failed checks."""
-    print_table(export(parse_args(argv)))
+    """CLI entry point: flags checked before TensorFlow loads; one-line errors (exit 2) for bad input or failed
+    checks."""
+    args = parse_args(argv)
+    cli.import_tensorflow(args.verbose)
+    from export.pipeline import export
+
+    print_table(export(args))
     return 0
 
 

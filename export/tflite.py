@@ -13,9 +13,8 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from bcs_tf.errors import ConfigError
+from export.options import QUANTIZE
 from export.tflite_sparse import compact
-
-QUANTIZE = ("none", "dynamic", "float16", "int8")
 RESOLVERS = {"default": OpResolverType.AUTO, "reference": OpResolverType.BUILTIN_REF}
 
 

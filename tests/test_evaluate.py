@@ -3,7 +3,8 @@ import pytest
 import tensorflow as tf
 
 from bcs_tf.data import synthetic_arrays
-from training.evaluate import Evaluator, VectorisedDLRLoss, markdown_table, order_check
+from training.attack_suite import Evaluator, VectorisedDLRLoss
+from training.evaluate import markdown_table, order_check
 
 
 def _quantize(x):
@@ -143,3 +144,26 @@ def test_arts_autoattack_class_runs_and_breaks_examples():
     x, y = x[:32], y[:32]
     aa, _ = ev.run("autoattack", x, y)
     assert aa < ev.run("clean", x, y)[0]
+
+
+def test_in_graph_square_is_at_least_as_strong_as_arts():
+    import math
+
+    import numpy as np
+
+    from bcs_tf.square import SquareAttack, p_schedule
+
+    # the authors' schedule: p_init halved after 10, 50, 200, … of 10,000 queries
+    assert [float(p_schedule(i, 10000, 0.8)) for i in (0, 10, 11, 51, 8001, 9999)] == \
+        pytest.approx([0.8, 0.8, 0.4, 0.2, 0.8 / 512, 0.8 / 512])
+    model, x, y = _model(masked=False)
+    eps = 0.2
+    art = Evaluator(model, eps=eps, num_classes=10, batch_size=64, square_queries=300, verbose=0, square="art")
+    ours = Evaluator(model, eps=eps, num_classes=10, batch_size=64, square_queries=300, verbose=0, square="tf")
+    acc_art, _ = art.run("square", x, y)
+    acc_tf, _ = ours.run("square", x, y)
+    noise = 2 * math.sqrt(max(acc_art * (1 - acc_art), 0.01) / len(x))
+    assert acc_tf <= acc_art + noise, (acc_tf, acc_art)
+    assert acc_tf < art.run("clean", x, y)[0]  # it does find adversarial examples
+    x_adv = SquareAttack(ours.predict, eps, n_queries=300)(x, y)
+    assert np.abs(x_adv - x).max() <= eps + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0

@@ -1,4 +1,9 @@
-"""One frozen, validated configuration per run; the CLI maps 1:1 onto it and it is saved beside the run."""
+"""One frozen, validated configuration per run; the CLI maps 1:1 onto it and it is saved beside the run.
+
+Each field's metadata (group, one line of help, choices, shown default) is the single source of the
+``training.run`` flags, their ``--help``, their validation and README's flag table (``flag_table``). This
+module must not import TensorFlow: flags are checked before it loads (``training.cli``).
+"""
 
 from __future__ import annotations
 
@@ -7,78 +12,108 @@ import json
 import pathlib
 import typing
 
-from bcs_tf.attacks import AttackConfig
-from bcs_tf.connectivity import BUDGET_MODES, temperature_from_sigma
-from bcs_tf.data import DATASETS, default_augment
-from bcs_tf.errors import CheckpointError, ConfigError
-from bcs_tf.models import MODELS, PRECISIONS
-from bcs_tf.objectives import OBJECTIVES
+from training.cli import FlagError
 
 AUTHORS_NOISE_SIGMA = 1e-6
+# The names of the library's registries (tests/test_cli.py checks they match bcs_tf's, which need TensorFlow).
+OBJECTIVE_NAMES = ("natural", "at", "mat", "trades", "mart", "rst")
+MODEL_NAMES = ("small_cnn", "small_cnn_x2", "small_cnn_x4", "vgg16", "resnet18", "wrn28_2", "wrn28_4", "wrn28_10")
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "synthetic")
+PRECISION_NAMES = ("float32", "mixed_bfloat16")
+BUDGET_MODES = ("global", "layer")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
 # Training methods (training/methods/ has one module each); those in FROM_METHODS start from another run.
 METHOD_NAMES = ("bcs", "random", "dense", "fixed", "hydra", "lottery", "iwi")
 FROM_METHODS = ("fixed", "hydra", "lottery", "iwi")
+GROUPS = ("data", "model", "sparsity", "objective", "attack", "optimisation", "output")
+
+
+def flag(default, group, help, choices=None, shown=None, metavar=None):
+    """A RunConfig field with its CLI metadata: ``group`` (one of GROUPS), one line of ``help``, the allowed
+    ``choices``, the default as ``--help`` shows it (``shown``, for defaults computed from other flags) and the
+    value's name in the help (``metavar``; by default N for integers, X for numbers, TEXT for strings)."""
+    assert group in GROUPS, group
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, "choices": choices,
+                                                         "shown": shown, "metavar": metavar})
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of a training run (field names are the CLI flags with dashes as underscores)."""
 
-    objective: str = "trades"
-    method: str = "bcs"
-    from_run: typing.Optional[str] = None  # --from: the run fixed/hydra/lottery prune, or the small network of iwi
-    connectivity: float = 0.01
-    budget: str = "global"
-    dataset: str = "fashion_mnist"
-    data_dir: typing.Optional[str] = None
-    labelled_fraction: float = 1.0
-    extra_data: typing.Optional[str] = None
-    extra_fraction: float = 0.5
-    augment: str = "auto"  # auto: on for cifar10/cifar100/svhn_cropped (authors), off otherwise
-    no_flip: bool = False
-    model: str = "small_cnn"
-    epochs: int = 20
-    batch_size: int = 128
-    precision: str = "float32"  # mixed_bfloat16: bfloat16 compute (AMX/AVX-512-BF16 CPUs, GPUs); saved model is float32
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    lr_schedule: str = "piecewise"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    eps: float = 0.1
-    attack_steps: int = 10
-    attack_step_size: typing.Optional[float] = None  # default 2.5·eps/steps (authors: 2/255 for 8/255, 10 steps)
-    beta: float = 6.0
-    alpha: float = 0.0
-    temperature: typing.Optional[float] = None  # default: the authors' sigma=1e-6 at the initial lr
-    seed: int = 0
-    max_steps: typing.Optional[int] = None
-    val_split: int = 5000
-    eval_steps: int = 20
-    eval_restarts: int = 1
-    select_by: str = "robust"
-    snapshot_epochs: str = "1,2"  # network weights kept after these epochs (and before training) for rewinding
-    rewind_epoch: int = 1  # lottery: rewind surviving weights to this epoch of the dense run (0 = its init)
-    reinit: bool = False  # lottery control: same masks, fresh initialisation instead of rewinding
-    prune_rounds: int = 3  # lottery: iterative magnitude pruning rounds, the same fraction pruned each round
-    round_epochs: typing.Optional[int] = None  # lottery: epochs of every round but the last (default --epochs)
-    score_epochs: typing.Optional[int] = None  # hydra: score-learning epochs (default max(1, round(0.2·epochs)))
-    finetune_lr_factor: float = 0.1  # hydra: fine-tuning learning rate = lr × this (HYDRA: 0.01 after 0.1)
-    out: str = "runs/default"
+    dataset: str = flag("fashion_mnist", "data", "Fashion-MNIST is read offline; CIFAR/SVHN through TFDS; "
+                        "synthetic is a small learnable task for tests", DATASET_NAMES)
+    data_dir: typing.Optional[str] = flag(None, "data", "where the dataset is (Fashion-MNIST files or TFDS "
+                                          "data_dir)", shown="/usr/share/datasets, Keras cache, TFDS",
+                                          metavar="DIR")
+    val_split: int = flag(5000, "data", "training images held out for validation; the best epoch is chosen on them")
+    augment: str = flag("auto", "data", "the authors' random shifts (±10%%) and flips; auto = on for "
+                        "CIFAR/SVHN, off for Fashion-MNIST", ("auto", "on", "off"))
+    no_flip: bool = flag(False, "data", "augment with shifts only (no horizontal flips)")
+    labelled_fraction: float = flag(1.0, "data", "train on the first X of the training set (RST's setting), in (0, 1]")
+    extra_data: typing.Optional[str] = flag(None, "data", "RST: pseudo-labelled .npz from `python -m "
+                                            "training.pseudolabel`, mixed into every batch",
+                                            metavar="FILE.npz")
+    extra_fraction: float = flag(0.5, "data", "RST: fraction of each batch drawn from --extra-data, in (0, 1)")
+    model: str = flag("small_cnn", "model", "small_cnn (3 conv-BN-ReLU blocks + 128-unit head) is the CPU "
+                      "default, _x2/_x4 its wider versions; the rest are the paper's CIFAR networks", MODEL_NAMES)
+    precision: str = flag("float32", "model", "mixed_bfloat16: bfloat16 compute on AMX/AVX-512-BF16 CPUs and "
+                          "GPUs; the test evaluation and model.keras stay float32", PRECISION_NAMES)
+    method: str = flag("bcs", "sparsity", "bcs = Langevin rewiring; random = fixed random mask; dense = plain "
+                       "Keras layers; fixed/hydra/lottery/iwi start from --from (README: Baselines)", METHOD_NAMES)
+    from_run: typing.Optional[str] = flag(None, "sparsity", "the finished run fixed/hydra/lottery prune (a dense "
+                                          "one) or iwi inherits from (a small sparse one)", metavar="RUN_DIR")
+    connectivity: float = flag(0.01, "sparsity", "fraction of active kernel entries, in (0, 1]; 1 = dense, "
+                               "0.01 = 99%% sparsity", metavar="C")
+    budget: str = flag("global", "sparsity", "one budget int(C·Σ sizes) over all layers (authors), or round(C·n) "
+                       "per layer", BUDGET_MODES)
+    temperature: typing.Optional[float] = flag(None, "sparsity", "Langevin temperature T: noise sqrt(2·lr·T)·N(0,1) "
+                                               "on active θ", shown="η₀σ²/2 with the authors' σ=1e-6")
+    alpha: float = flag(0.0, "sparsity", "extra L1 prior α·Σmax(0,θ) (besides the decoupled weight decay)")
+    snapshot_epochs: str = flag("1,2", "sparsity", "keep the network weights after these epochs (and before "
+                                "training) in snapshots/, for lottery rewinding", metavar="E1,E2")
+    rewind_epoch: int = flag(1, "sparsity", "lottery: rewind surviving weights to this epoch of the --from run "
+                             "(0 = its initialisation)")
+    reinit: bool = flag(False, "sparsity", "lottery control: the same masks with a fresh initialisation instead "
+                        "of rewinding")
+    prune_rounds: int = flag(3, "sparsity", "lottery: rounds of iterative magnitude pruning, the same fraction "
+                             "pruned in each")
+    round_epochs: typing.Optional[int] = flag(None, "sparsity", "lottery: epochs of every round but the last",
+                                              shown="--epochs")
+    score_epochs: typing.Optional[int] = flag(None, "sparsity", "hydra: epochs of score learning before "
+                                              "fine-tuning", shown="max(1, round(0.2·epochs))")
+    finetune_lr_factor: float = flag(0.1, "sparsity", "hydra: fine-tuning learning rate = --lr × this, in (0, 1]")
+    objective: str = flag("trades", "objective", "training objective: natural, Madry PGD AT, mixed-batch AT "
+                          "(half the batch adversarial), TRADES, MART, or RST (TRADES on pseudo-labelled extra data)",
+                          OBJECTIVE_NAMES)
+    beta: float = flag(6.0, "objective", "TRADES/MART/RST weight of the robustness term")
+    eps: float = flag(0.1, "attack", "L∞ radius of the training, validation and test attacks (inputs in [0, 1])")
+    attack_steps: int = flag(10, "attack", "PGD steps of the training and validation attack")
+    attack_step_size: typing.Optional[float] = flag(None, "attack", "PGD step size", shown="2.5·eps/attack-steps")
+    eval_steps: int = flag(20, "attack", "PGD steps of the final test evaluation (random start)")
+    eval_restarts: int = flag(1, "attack", "random restarts of the test PGD (worst case per example)")
+    epochs: int = flag(20, "optimisation", "training epochs")
+    batch_size: int = flag(128, "optimisation", "examples per step")
+    optimizer: str = flag("sgd", "optimisation", "optimizer of θ and the dense weights", OPTIMIZER_NAMES)
+    lr: float = flag(0.1, "optimisation", "initial learning rate")
+    lr_schedule: str = flag("piecewise", "optimisation", "piecewise: lr and weight decay ×0.1 at 50%% and 75%% "
+                            "of training (authors)", SCHEDULE_NAMES)
+    momentum: float = flag(0.9, "optimisation", "SGD/RMSprop momentum, in [0, 1)")
+    weight_decay: float = flag(5e-4, "optimisation", "decoupled weight decay (the sparsity prior on θ), "
+                               "following the learning-rate schedule")
+    seed: int = flag(0, "optimisation", "seed of the initialisation, data order, attacks and rewiring")
+    max_steps: typing.Optional[int] = flag(None, "optimisation", "stop after N optimizer steps (smoke runs)")
+    select_by: str = flag("robust", "output", "validation accuracy that chooses the saved epoch",
+                          ("robust", "clean"))
+    out: str = flag("runs/default", "output", "run directory (never replaced without --overwrite)", metavar="DIR")
 
     def __post_init__(self):
-        def bad(flag, why):
-            raise ConfigError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
-
-        choices = {"objective": sorted(OBJECTIVES), "method": METHOD_NAMES, "budget": BUDGET_MODES,
-                   "dataset": DATASETS, "model": sorted(MODELS), "select_by": ("robust", "clean"),
-                   "optimizer": OPTIMIZER_NAMES, "lr_schedule": SCHEDULE_NAMES,
-                   "augment": ("auto", "on", "off"), "precision": PRECISIONS}
-        for flag, allowed in choices.items():
-            if getattr(self, flag) not in allowed:
-                bad(flag, f"must be one of {', '.join(allowed)}")
+        bad = self._bad
+        for field in dataclasses.fields(self):
+            allowed = field.metadata["choices"]
+            if allowed and getattr(self, field.name) not in allowed:
+                bad(field.name, f"must be one of {', '.join(allowed)}")
         if not 0.0 < self.connectivity <= 1.0:
             bad("connectivity", "must be in (0, 1] (1 = dense)")
         for flag in ("epochs", "batch_size"):
@@ -107,13 +142,14 @@ class RunConfig:
             bad("attack_steps", f"objective {self.objective} needs at least one attack step")
         self._check_method()
 
-    def _check_method(self):
-        def bad(flag, why):
-            raise ConfigError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
+    def _bad(self, flag, why):
+        raise FlagError(f"--{flag.replace('_', '-')}: {why}. Received: {getattr(self, flag)!r}")
 
+    def _check_method(self):
+        bad = self._bad
         if (self.method in FROM_METHODS) != (self.from_run is not None):
-            raise ConfigError(f"--from: required by --method {', '.join(FROM_METHODS)} and used only by them. "
-                              f"Received: method={self.method!r}, from={self.from_run!r}")
+            raise FlagError(f"--from: required by --method {', '.join(FROM_METHODS)} and used only by them. "
+                            f"Received: method={self.method!r}, from={self.from_run!r}")
         if self.method in ("fixed", "hydra", "lottery") and self.connectivity >= 1.0:
             bad("connectivity", f"--method {self.method} prunes, so it must be < 1")
         if self.method == "iwi" and self.connectivity != 1.0:
@@ -148,6 +184,8 @@ class RunConfig:
     @property
     def augmented(self):
         """Whether training batches get the authors' shift (and flip) augmentation."""
+        from bcs_tf.data import default_augment
+
         return default_augment(self.dataset) if self.augment == "auto" else self.augment == "on"
 
     @property
@@ -162,10 +200,14 @@ class RunConfig:
         """Langevin temperature T (the authors' σ = 1e-6 mapped at the initial learning rate by default)."""
         if self.temperature is not None:
             return self.temperature
+        from bcs_tf.connectivity import temperature_from_sigma
+
         return temperature_from_sigma(AUTHORS_NOISE_SIGMA, self.lr)
 
     def attack(self):
         """The training attack."""
+        from bcs_tf.attacks import AttackConfig
+
         return AttackConfig(eps=self.eps, step_size=self.step_size, steps=self.attack_steps)
 
     def to_dict(self):
@@ -185,6 +227,7 @@ def load_finished_run(run_dir):
     import keras
 
     import bcs_tf  # noqa: F401  (registers the sparse layers for load_model)
+    from bcs_tf.errors import CheckpointError
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "model.keras").is_file():

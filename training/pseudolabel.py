@@ -9,41 +9,49 @@ the pseudo-labels ``y`` (and ``y_true`` when the pool came from the labelled dat
 
 from __future__ import annotations
 
-import argparse
-import os
 import pathlib
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-import numpy as np  # noqa: E402
-
-import bcs_tf  # noqa: E402,F401  (registers the sparse layers)
-from bcs_tf.data import labelled_split, load_dataset  # noqa: E402
-from bcs_tf.errors import ConfigError, DataError, one_line_errors  # noqa: E402
-from training.config import load_finished_run  # noqa: E402
+from training import cli
 
 
 def pseudo_label(model, x, batch_size=512):
     """Teacher predictions (argmax of the logits) for ``x``."""
+    import numpy as np
+
     return np.concatenate([np.argmax(np.asarray(model(x[i:i + batch_size], training=False)), 1)
                            for i in range(0, len(x), batch_size)]).astype(np.int32)
 
 
-@one_line_errors
-def main(argv=None):
-    """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m training.pseudolabel", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="the teacher run (trained on the labelled part)")
-    p.add_argument("--out", required=True, help="output .npz")
+def build_parser():
+    """The ``training.pseudolabel`` parser."""
+    p = cli.parser("python -m training.pseudolabel", __doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the teacher run (trained on the labelled part)")
+    p.add_argument("--out", required=True, help="output .npz (x, pseudo-labels y, and y_true for a dataset pool)")
     p.add_argument("--labelled-fraction", type=float, default=None,
                    help="pool = the training set beyond this fraction (default: the teacher's own fraction)")
     p.add_argument("--pool", help="external .npz with an array x of images in [0, 1] (instead of the dataset)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="2: also TensorFlow's start-up log")
+    return p
+
+
+@cli.one_line_errors
+def main(argv=None):
+    """CLI entry point: flags checked before TensorFlow loads; one-line errors (exit 2) for bad input."""
+    args = build_parser().parse_args(argv)
     out = pathlib.Path(args.out)
     if out.exists() and not args.overwrite:
-        raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
+        raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
+    if args.labelled_fraction is not None and not 0.0 < args.labelled_fraction < 1.0:
+        raise cli.FlagError(f"--labelled-fraction must be in (0, 1). Received: {args.labelled_fraction}")
+    cli.import_tensorflow(args.verbose)
+    import numpy as np
+
+    from bcs_tf.data import labelled_split, load_dataset
+    from bcs_tf.errors import DataError
+    from training.config import load_finished_run
+
     cfg, model = load_finished_run(args.run_dir)
     extra = {}
     if args.pool:
@@ -57,7 +65,7 @@ def main(argv=None):
         data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
         _, (x, y_true) = labelled_split(data.x_train, data.y_train, fraction)
         if not len(x):
-            raise ConfigError(f"--labelled-fraction {fraction} leaves no unlabelled pool")
+            raise cli.FlagError(f"--labelled-fraction {fraction} leaves no unlabelled pool")
         extra["y_true"] = y_true
     if tuple(x.shape[1:]) != tuple(model.input_shape[1:]):
         raise DataError(f"pool images have shape {x.shape[1:]}, the model takes {model.input_shape[1:]}")

@@ -10,70 +10,82 @@ per-layer connectivity, wall time, config), ``config.json``, ``checkpoint/`` (re
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import sys
 import time
 import typing
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from bcs_tf.checkpoint import has_checkpoint  # noqa: E402
-from bcs_tf.connectivity import connectivity_report  # noqa: E402
-from bcs_tf.data import load_dataset  # noqa: E402
-from bcs_tf.errors import CheckpointError, ConfigError, one_line_errors  # noqa: E402
-from bcs_tf.evaluation import robust_accuracy  # noqa: E402
-from training.config import RunConfig  # noqa: E402
-from training.fitting import fit_phase  # noqa: E402
-from training.methods import METHODS, Context  # noqa: E402
+from training import cli
+from training.config import GROUPS, RunConfig
 
 RUN_FILES = ("model.keras", "metrics.json", "config.json", "best.weights.h5", "checkpoint", "logs", "phases",
-             "snapshots")
+             "snapshots", "report.md", "figures")
 ALIASES = {"from_run": ("--from",)}
 
 
-def parse_args(argv=None):
-    """Parse the command line into ``(RunConfig, resume, overwrite, verbose)``."""
-    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    """The ``training.run`` parser: one flag per RunConfig field, with the field's help, choices and default,
+    grouped as in ``GROUPS``; then the flags of the invocation (resume, overwrite, verbose, report)."""
+    p = cli.parser("python -m training.run", __doc__)
+    p.usage = "%(prog)s [--objective O] [--method M] [--connectivity C] [--out DIR] [...] (flags below)"
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
     defaults = RunConfig()
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
+        meta, default = field.metadata, getattr(defaults, field.name)
+        flags = [*ALIASES.get(field.name, ()), "--" + field.name.replace("_", "-")]
+        group = groups[meta["group"]]
+        help_text = meta["help"] + (f" (default: {meta['shown']})" if meta["shown"] else "")
         if isinstance(default, bool):
-            p.add_argument(flag, action="store_true")
+            group.add_argument(*flags, dest=field.name, action="store_true", help=help_text)
             continue
         kind = hints[field.name]
         kind = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
-        p.add_argument(flag, *ALIASES.get(field.name, ()), type=kind, default=default)
-    p.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Keras progress output")
-    args = vars(p.parse_args(argv))
-    resume, overwrite, verbose = args.pop("resume"), args.pop("overwrite"), args.pop("verbose")
-    return RunConfig(**args), resume, overwrite, verbose
+        metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind, "TEXT")
+        group.add_argument(*flags, dest=field.name, type=kind, default=default, choices=meta["choices"],
+                           help=help_text, metavar=None if meta["choices"] else metavar)
+    out = groups["output"]
+    mode = out.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the stopped (or finished) run in --out; "
+                      "only --epochs and --max-steps may change")
+    mode.add_argument("--overwrite", action="store_true", help="replace the bcs-tf files of an existing run in --out")
+    out.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                     help="0 quiet, 1 progress bars, 2 also TensorFlow's start-up log")
+    out.add_argument("--no-report", action="store_true", help="skip report.md and the figures at the end")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse and validate the command line (without TensorFlow) into ``(RunConfig, options dict)``."""
+    args = vars(build_parser().parse_args(argv))
+    options = {k: args.pop(k) for k in ("resume", "overwrite", "verbose", "no_report")}
+    return RunConfig(**args), options
 
 
 def prepare_out_dir(cfg, resume, overwrite):
     """Create ``cfg.out``; refuse to touch an existing run unless ``--resume`` or ``--overwrite``."""
+    from bcs_tf.checkpoint import has_checkpoint
+    from bcs_tf.errors import CheckpointError
+
     out = pathlib.Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a directory")
+        raise cli.FlagError(f"--out: {out} exists and is not a directory")
     existing = out.is_dir() and any(out.iterdir())
     if resume:
         if not (has_checkpoint(out / "checkpoint") or (out / "phases").is_dir()):
             raise CheckpointError(f"--resume: no checkpoint to resume in {out / 'checkpoint'}")
-        saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+        try:
+            saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"--resume: cannot read {out / 'config.json'}: {exc}") from None
         if dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps) != cfg:
-            raise ConfigError("--resume: the flags differ from the run's config.json (only --epochs and "
+            raise cli.FlagError("--resume: the flags differ from the run's config.json (only --epochs and "
                               "--max-steps may change)")
     elif existing and not overwrite:
-        raise ConfigError(f"--out: {out} is not empty; pass --overwrite to replace it or --resume to continue")
+        raise cli.FlagError(f"--out: {out} is not empty; pass --overwrite to replace it or --resume to continue")
     elif existing:
         for name in RUN_FILES:  # only our own files; anything else the user put there stays
             path = out / name
@@ -85,6 +97,13 @@ def prepare_out_dir(cfg, resume, overwrite):
 
 def train(cfg, resume=False, overwrite=False, verbose=1):
     """Run ``cfg.method``'s phases, the final training and the test evaluation; returns the metrics dict."""
+    # imported here, not at the top, so that a bad flag is reported before TensorFlow loads
+    from bcs_tf.connectivity import connectivity_report
+    from bcs_tf.data import load_dataset
+    from bcs_tf.evaluation import robust_accuracy
+    from training.fitting import fit_phase
+    from training.methods import METHODS, Context
+
     t_start = time.time()
     method = METHODS[cfg.method]
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
@@ -128,11 +147,16 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     return metrics
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv=None):
-    """CLI entry point: one-line errors (exit 2) instead of tracebacks for bad input."""
-    cfg, resume, overwrite, verbose = parse_args(argv)
-    train(cfg, resume, overwrite, verbose)
+    """CLI entry point: flags checked before TensorFlow loads; one-line errors (exit 2) for bad input."""
+    cfg, options = parse_args(argv)
+    cli.import_tensorflow(options["verbose"])
+    train(cfg, options["resume"], options["overwrite"], options["verbose"])
+    if not options["no_report"]:
+        from training.report import write_reports
+
+        write_reports([cfg.out])
     return 0
 
 

@@ -141,15 +141,11 @@ def sparsity_table(results):
 
 def sparsity_figure(results, path):
     """``sparsity.png``: PGD-50 and clean accuracy against sparsity, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from training.report import pyplot, save_figure
     from training.reproduce import SPARSITIES, SPARSITY_METHODS
 
     e = results.plan.p["sparsity_epochs"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4), sharex=True)
     xs = np.arange(len(SPARSITIES))
     for ax, attack, title in ((axes[0], "pgd50", "robust (PGD-50)"), (axes[1], "clean", "clean")):
         for method in SPARSITY_METHODS:
@@ -163,43 +159,23 @@ def sparsity_figure(results, path):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{results.plan.dataset}, small_cnn, standard AT")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def connectivity_figure(results, path):
     """``connectivity.png``: active connections per layer over training of the first BCS run that logged them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.report import Run, plot_connectivity, pyplot, save_figure
 
     for rid in sorted(results.plan.runs, key=lambda r: ("bcs_c0.01" not in r, "at/" not in r, r)):
-        if results.plan.runs[rid].flags["method"] != "bcs":
+        if results.plan.runs[rid].flags["method"] != "bcs" or not (results.runs_dir / rid / "metrics.json").is_file():
             continue
-        try:
-            metrics = json.loads((results.runs_dir / rid / "metrics.json").read_text())
-        except (OSError, ValueError):
+        run = Run(results.runs_dir / rid)
+        if not run.layers():
             continue
-        history = metrics["history"]
-        layers = [k[len("active/"):] for k in history[0] if k.startswith("active/")] if history else []
-        if not layers:
-            continue
-        epochs = [0] + [h["epoch"] for h in history]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, layer in enumerate(layers):
-            ax.plot(epochs, [metrics["allocation"]["counts"][i]] + [h[f"active/{layer}"] for h in history],
-                    marker="o", label=layer)
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("active connections")
-        ax.set_title(f"BCS {rid}: {metrics['connectivity']['active']:,} connections in total at every step")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        fig, ax = pyplot().subplots(figsize=(7, 4))
+        plot_connectivity(ax, run)
+        ax.set_title(f"BCS {rid}: {run.metrics['connectivity']['active']:,} connections in total at every step")
+        save_figure(fig, path)
         return rid
     return None
 

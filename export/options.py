@@ -1,0 +1,13 @@
+"""Names and paths of ``python -m export`` that the command line needs before TensorFlow loads."""
+
+import pathlib
+
+FORMATS = ("keras", "tflite", "onnx")
+QUANTIZE = ("none", "dynamic", "float16", "int8")
+
+
+def default_out(run_dir, fmt, quantize):
+    """RUN_DIR/export/model[_QUANT].EXT."""
+    suffix = {"keras": ".keras", "tflite": ".tflite", "onnx": ".onnx"}[fmt]
+    name = "model" + (f"_{quantize}" if fmt == "tflite" and quantize != "none" else "") + suffix
+    return pathlib.Path(run_dir) / "export" / name

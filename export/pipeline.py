@@ -1,0 +1,167 @@
+"""The export itself: a run's model stripped, converted, verified against the Keras model, written with its
+report. ``python -m export`` checks the flags and calls :func:`export`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from bcs_tf.connectivity import allocate_budget, connectivity_report
+from bcs_tf.data import load_dataset
+from bcs_tf.errors import CheckpointError, ConfigError
+from bcs_tf.layers import sparse_layers
+from export import onnx_export, tflite, tflite_sparse, verify
+from export.options import default_out
+from export.strip import kernel_nonzeros, strip_model
+from training.cli import native_output
+from training.config import load_finished_run
+
+DEFAULT_EXAMPLES = 2000  # test images of the verification when --n-examples is not given
+
+
+def load_run(run_dir):
+    """(model, config, claimed budget) of a run directory; refuses runs whose sparsity is not as claimed."""
+    cfg, model = load_finished_run(run_dir)
+    model_path = pathlib.Path(run_dir) / "model.keras"
+    layers = sparse_layers(model)
+    if cfg.sparse:
+        sizes = [layer.kernel_size_total for layer in layers]
+        if not sizes:
+            raise CheckpointError(f"{model_path} has no sparse layers but config.json says connectivity "
+                                  f"{cfg.connectivity} with method {cfg.method}")
+        budget = sum(allocate_budget(sizes, cfg.connectivity, cfg.budget).budgets)
+        active = connectivity_report(model)["active"]
+        if active != budget:
+            raise CheckpointError(f"{model_path} has {active} active connections but its run claims a budget of "
+                                  f"{budget} (connectivity {cfg.connectivity}, budget {cfg.budget}); refusing")
+    else:
+        budget = None
+    return model, cfg, budget
+
+
+def _keras_loads_without_project(data):
+    """Whether a .keras file loads with plain Keras in a Python that never imported bcs_tf."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "m.keras"
+        path.write_bytes(data)
+        code = ("import sys, keras; keras.models.load_model(sys.argv[1]); "
+                "assert not any(m.startswith('bcs_tf') for m in sys.modules)")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                             cwd=tmp)
+        return res.returncode == 0, res.stderr.strip().splitlines()[-1:] if res.returncode else []
+
+
+def build_export(plain, fmt, quantize, args, data_train, sample, budget):
+    """Serialized bytes, a runtime callable (batch → logits), the number format and conversion info."""
+    info = {"warnings": []}
+    if fmt == "keras":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp) / "m.keras"
+            plain.save(path)
+            data = path.read_bytes()
+        ok, err = _keras_loads_without_project(data)
+        info["loads_without_bcs_tf"] = ok
+        if not ok:
+            info["warnings"].append(f"stripped .keras does not load without bcs_tf: {err}")
+        return data, lambda x: np.asarray(plain(x, training=False)), "float32", info, None
+    if fmt == "tflite":
+        calib = data_train[: args.calibration_examples]
+        with native_output(args.verbose):  # the converter's and the interpreter's debris stay off the terminal
+            data, info = tflite.export_tflite(plain, quantize, calib, sample, sparse=budget is not None,
+                                              int8_weights=args.int8_weights)
+            resolver = "default" if info["loads"]["default"] == "ok" else "reference"
+            it = tflite.interpreter(data, resolver)
+        info.setdefault("warnings", [])
+        number_format = {"none": "float32"}.get(quantize, quantize)
+        info["runtime"] = f"ai-edge-litert ({resolver} kernels)"
+        return data, lambda x: tflite.run(it, x), number_format, info, tflite_sparse.kernel_nonzeros(data)
+    with native_output(args.verbose):
+        proto = onnx_export.to_onnx(plain)
+    moved = 0
+    if not args.onnx_dense:
+        proto, moved = onnx_export.sparsify(proto)
+    data = proto.SerializeToString()
+    sess = onnx_export.session(data)
+    info.update(runtime="onnxruntime", opset=onnx_export.OPSET, sparse_initializers=moved)
+    return data, lambda x: onnx_export.run(sess, x), "float32", info, onnx_export.kernel_nonzeros(proto)
+
+
+def export(args):
+    """Run one export; returns its report entry. Nothing is written when a check refuses."""
+    out = pathlib.Path(args.out) if args.out else default_out(args.run_dir, args.format, args.quantize)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
+    model, cfg, budget = load_run(args.run_dir)
+    plain = strip_model(model)
+    data_set = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
+    n = min(DEFAULT_EXAMPLES, len(data_set.x_test)) if args.n_examples is None else args.n_examples
+    if n > len(data_set.x_test):
+        raise ConfigError(f"--n-examples: the {cfg.dataset} test set has {len(data_set.x_test)} examples. "
+                          f"Received: {n}")
+    x, y = data_set.x_test[:n], data_set.y_test[:n]
+    data, runtime, number_format, info, exported_nnz = build_export(
+        plain, args.format, args.quantize, args, data_set.x_train, x[:1], budget)
+    keras_nnz = sum(kernel_nonzeros(plain).values())
+    exported_nnz = keras_nnz if exported_nnz is None else exported_nnz
+
+    reference = verify.batched(lambda b: np.asarray(model(b, training=False)), x)
+    exported_logits = verify.batched(runtime, x)
+    par = verify.parity(reference, exported_logits, number_format)
+    report = {
+        "file": str(out), "format": args.format, "quantize": args.quantize, "number_format": number_format,
+        "run_dir": str(args.run_dir), "parity": par,
+        "nonzeros": {"budget": budget, "keras_stripped": keras_nnz, "exported": exported_nnz},
+        "size": verify.size_report(data, keras_nnz, verify.dense_parameter_count(plain), number_format),
+        **info,
+    }
+    if budget is not None and keras_nnz != budget:
+        raise CheckpointError(f"stripped model has {keras_nnz} nonzero weights, budget is {budget}; refusing")
+    # float32 must keep every connection; narrower formats may round the tiniest weights (θ = 1e-12 for
+    # freshly re-activated entries) to zero, which is reported below.
+    if number_format == "float32" and budget is not None and exported_nnz != budget:
+        raise CheckpointError(f"exported file has {exported_nnz} nonzero weights, budget is {budget}; refusing")
+    if exported_nnz < keras_nnz:
+        report["nonzeros"]["rounded_to_zero_by_quantization"] = keras_nnz - exported_nnz
+    if not par["ok"]:
+        message = (f"parity check failed: top-1 agreement {par['top1_agreement']:.4f}, max |Δlogit| "
+                   f"{par['max_abs_diff']:.3g} (tolerance {par['tolerance']})")
+        if not args.allow_mismatch:
+            raise ConfigError(message + "; nothing written (--allow-mismatch to write anyway)")
+        report["warnings"].append(message + "; written anyway because of --allow-mismatch")
+
+    x_adv = verify.adversarial_examples(model, x, y, cfg.eps)
+    report["robustness"] = {
+        "eps": cfg.eps, "attack": "PGD-20 L-inf crafted against the Keras model (transfer)", "n": int(len(x)),
+        "keras": {"clean": verify.accuracy(reference, y),
+                  "pgd20": verify.accuracy(verify.batched(lambda b: np.asarray(model(b)), x_adv), y)},
+        "exported": {"clean": verify.accuracy(exported_logits, y),
+                     "pgd20_transfer": verify.accuracy(verify.batched(runtime, x_adv), y)},
+    }
+    report["latency_ms"] = {"median_single_example": verify.latency_ms(runtime, x[:1]),
+                            "keras_median_single_example": verify.latency_ms(
+                                lambda b: np.asarray(plain(b, training=False)), x[:1])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    write_report(out.parent / "export_report.json", out.name, report)
+    return report
+
+
+def write_report(path, key, entry):
+    """Merge ``entry`` under ``key`` into the JSON report at ``path`` (other entries are kept)."""
+    reports = {}
+    if path.is_file():
+        try:
+            reports = json.loads(path.read_text())
+        except ValueError:
+            path.rename(path.with_suffix(".json.corrupt"))  # keep the user's file, start a new report
+    reports[key] = entry
+    path.write_text(json.dumps(reports, indent=1))

@@ -1,0 +1,155 @@
+"""What every command line of bcs-tf shares, free of TensorFlow: flags are parsed and checked before its ~3 s
+import, and its start-up lines are kept off the terminal.
+
+Nothing here may import TensorFlow, Keras or ``bcs_tf`` (whose ``__init__`` registers the Keras layers):
+``tests/test_cli.py`` checks that a bad flag fails with ``tensorflow`` absent from ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import re
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Lines TensorFlow, absl, the LiteRT converter and ART print on import or conversion that tell a user nothing
+# (all of them appear on every CPU-only run). Anything else captured is passed on: real warnings and errors.
+DEBRIS = tuple(re.compile(p) for p in (
+    r"All log messages before absl::InitializeLog\(\) is called",
+    r"^[IWE]\d{4} [\d:. ]+\d+ (port|cudart_stub|cuda_\w+|tf_tfl_flatbuffer_helpers|flatbuffer_export|"
+    r"tf_saved_model_freeze_variables|context_distributed_manager|gpu_device|cpu_feature_guard)\.cc:\d+\]",
+    r"oneDNN custom operations are on",
+    r"Could not find cuda drivers",
+    r"Unable to register cu(DNN|FFT|BLAS) factory",
+    r"This TensorFlow binary is optimized to use available CPU instructions",
+    r"rebuild TensorFlow with the appropriate compiler flags",
+    r"TF-TRT Warning",
+    r"^\s*\d+: TensorSpec\(",
+    r"^\s*warnings\.warn\(",
+    r"PyTorch not found\. Not importing",
+    r"^Saved artifact at '",
+    r"^\* Endpoint '",
+    r"^\s+(args_\d+|\w+) \(POSITIONAL_ONLY\): TensorSpec\(",
+    r"^\s*(Output Type|Captures):\s*$",
+    r"^\s+TensorSpec\(shape=",
+    r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU",
+    r"UserWarning: Statistics for quantized inputs were expected, but not specified",
+    r"^fully_quantize: \d, inference_type: \d",
+))
+
+
+class FlagError(ValueError):
+    """A bad command-line flag or setting, reported as one ``error: …`` line before TensorFlow is imported."""
+
+
+def is_debris(line):
+    """Whether ``line`` is one of TensorFlow's (or a converter's) uninformative start-up lines."""
+    return any(p.search(line) for p in DEBRIS)
+
+
+@contextlib.contextmanager
+def native_output(verbose=1, log=None):
+    """Capture what C++ and Python write to file descriptors 1 and 2 inside the block.
+
+    TensorFlow's start-up lines come from C++ (absl), below ``sys.stderr``, so only a file-descriptor redirect
+    catches them. On exit the captured text is appended to ``log`` (a path) when given, and shown on stderr:
+    all of it with ``verbose`` ≥ 2, else every line that is not :data:`DEBRIS`.
+    """
+    saved, sinks = [], []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        stream.flush()
+        sink = tempfile.TemporaryFile(mode="w+b")
+        saved.append(os.dup(fd))
+        sinks.append(sink)
+        os.dup2(sink.fileno(), fd)
+    try:
+        yield
+    finally:
+        for fd, stream, old in zip((1, 2), (sys.stdout, sys.stderr), saved):
+            stream.flush()
+            os.dup2(old, fd)
+            os.close(old)
+        text = ""
+        for sink in sinks:
+            sink.seek(0)
+            text += sink.read().decode("utf-8", "replace")
+            sink.close()
+        if log is not None and text:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(text)
+        shown = [line for line in text.splitlines() if line.strip() and (verbose >= 2 or not is_debris(line))]
+        if shown:
+            print("\n".join(shown), file=sys.stderr)
+
+
+def import_tensorflow(verbose=1):
+    """Import TensorFlow, Keras and ``bcs_tf`` (which registers the sparse layers) and probe the devices, with
+    their start-up lines filtered by :func:`native_output`; later imports of them are then silent."""
+    with native_output(verbose):
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        import bcs_tf  # noqa: F401
+
+        tf.config.list_physical_devices()  # the device probe logs its CUDA misses now, not at the first op
+
+
+def one_line_errors(main):
+    """Decorate a CLI ``main(argv)``: a :class:`FlagError` or a ``bcs_tf`` input error prints as one
+    ``error: …`` line and returns exit code 2 (the library's errors are matched without importing it)."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except Exception as exc:
+            errors = sys.modules.get("bcs_tf.errors")
+            if isinstance(exc, FlagError) or (errors is not None and isinstance(exc, errors.BcsError)):
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            raise
+
+    return wrapper
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """One line of meaning per flag, then its default (unless it has none or is a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one :class:`FlagError` line instead of the whole usage text."""
+
+    def error(self, message):
+        raise FlagError(f"{message} (see {self.prog} --help)")
+
+
+def parser(prog, doc):
+    """A :class:`Parser` with the house help format; its description is the first paragraph of ``doc`` without
+    the leading ````python -m …````: part."""
+    first = re.sub(r"^``[^`]*``:\s*", "", " ".join(doc.strip().split("\n\n")[0].split()))
+    return Parser(prog=prog, description=first[:1].upper() + first[1:], formatter_class=HelpFormatter)
+
+
+def positive(kind, lower=1):
+    """An argparse ``type`` that converts with ``kind`` and refuses values below ``lower``."""
+
+    def convert(text):
+        value = kind(text)
+        if value < lower:
+            raise argparse.ArgumentTypeError(f"must be ≥ {lower}, received {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
