@@ -53,7 +53,8 @@ def build_parser():
                       "only --epochs and --max-steps may change")
     mode.add_argument("--overwrite", action="store_true", help="replace the bcs-tf files of an existing run in --out")
     out.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                     help="0 quiet, 1 progress bars, 2 also TensorFlow's start-up log")
+                     help="0 quiet, 1 progress bars, 2 one line per epoch/attack and TensorFlow's start-up "
+                     "log (for log files)")
     out.add_argument("--no-report", action="store_true", help="skip report.md and the figures at the end")
     return p
 
