@@ -87,11 +87,14 @@ def build_parser():
     p = cli.parser("python -m training.evaluate", __doc__)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`")
     attack = p.add_argument_group("attack")
-    attack.add_argument("--attacks", metavar="A1,A2", default="clean,fgsm,pgd50,pgd100,apgd-ce,apgd-t,autoattack,bb",
-                        help=f"comma-separated, run in this order: {ATTACK_NAMES}")
-    attack.add_argument("--eps", type=float, metavar="X", default=None, help="L∞ radius (default: the run's training eps)")
-    attack.add_argument("--restarts", type=cli.positive(int), metavar="N", default=1, help="random restarts for PGD and APGD")
-    attack.add_argument("--square-queries", type=cli.positive(int), metavar="N", default=5000, help="query budget of Square")
+    attack.add_argument("--attacks", metavar="A1,A2", help=f"comma-separated, run in this order: {ATTACK_NAMES}",
+                        default="clean,fgsm,pgd50,pgd100,apgd-ce,apgd-t,autoattack,bb")
+    attack.add_argument("--eps", type=float, metavar="X", default=None,
+                        help="L∞ radius (default: the run's training eps)")
+    attack.add_argument("--restarts", type=cli.positive(int), metavar="N", default=1,
+                        help="random restarts for PGD and APGD")
+    attack.add_argument("--square-queries", type=cli.positive(int), metavar="N", default=5000,
+                        help="query budget of Square")
     attack.add_argument("--square", choices=("tf", "art"), default="tf",
                         help="Square attack: bcs_tf's in-graph, batched one, or ART's (for comparison)")
     attack.add_argument("--autoattack", choices=("standard", "art"), default="standard",
@@ -99,10 +102,11 @@ def build_parser():
     data = p.add_argument_group("data")
     data.add_argument("--n-examples", type=cli.positive(int), metavar="N", default=None,
                       help="evaluate the first N test examples (default: all)")
-    data.add_argument("--batch-size", type=cli.positive(int), metavar="N", default=256, help="examples per attack batch")
+    data.add_argument("--batch-size", type=cli.positive(int), metavar="N", default=256,
+                      help="examples per attack batch")
     out = p.add_argument_group("output")
-    out.add_argument("--name", metavar="NAME", default="eval", help="report file stem in the run directory (NAME.json, NAME.md), "
-                     "e.g. to keep a costly AutoAttack on fewer examples beside the main evaluation")
+    out.add_argument("--name", metavar="NAME", default="eval", help="report file stem in the run directory "
+                     "(NAME.json, NAME.md), e.g. to keep a costly AutoAttack on fewer examples beside eval.json")
     mode = out.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing NAME.json / NAME.md")
     mode.add_argument("--resume", action="store_true",

@@ -40,7 +40,10 @@ def flag_table(parser):
             rows.append(f"| **{group.title}** | | |")
         for a in actions:
             names = ", ".join(f"`{o}`" for o in a.option_strings)
-            value = "{" + ",".join(map(str, a.choices)) + "}" if a.choices else ((a.metavar or a.dest.upper()) if a.nargs != 0 else "")
+            if a.choices:
+                value = "{" + ",".join(map(str, a.choices)) + "}"
+            else:
+                value = (a.metavar or a.dest.upper()) if a.nargs != 0 else ""
             flag = names + (f" `{value}`" if value else "")
             default = "" if a.default is None or a.default is False else f"`{a.default}`"
             help_text = a.help or ""

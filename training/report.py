@@ -176,7 +176,8 @@ def markdown(run, figures):
     conn = m.get("connectivity", {})
     pgd = next((k for k in m if k.startswith("test_pgd")), None)
     lines += [f"- test clean accuracy **{100 * m['test_clean_acc']:.2f}%**" if "test_clean_acc" in m else "",
-              f"- test PGD-{pgd[len('test_pgd'):-len('_acc')]} accuracy **{100 * m[pgd]:.2f}%** (eps {c.get('eps')})" if pgd else "",
+              f"- test PGD-{pgd[len('test_pgd'):-len('_acc')]} accuracy **{100 * m[pgd]:.2f}%** (eps {c.get('eps')})"
+              if pgd else "",
               f"- connectivity {conn.get('connectivity', 1.0):.4f}"
               + (f" ({conn['active']:,} of {conn['size']:,} kernel entries)" if "active" in conn else ""),
               f"- selected epoch {m.get('best_epoch')} by {m.get('selected_by')}; {m.get('steps')} steps, "
