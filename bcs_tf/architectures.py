@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from bcs_tf.factory import bn_relu, conv_bn_relu
+from bcs_tf.factory import batch_norm, bn_relu, conv_bn_relu
 
 
 def small_cnn(f, input_shape=(28, 28, 1), num_classes=10, width=1):
@@ -52,10 +52,10 @@ def _basic_block(f, x, filters, strides, name, tag):
     shortcut = x
     y = conv_bn_relu(f, x, filters, strides, f"{name}_a", tag=tag)
     y = f.conv(filters, 3, name=f"{name}_b_conv", tag=tag)(y)
-    y = keras.layers.BatchNormalization(name=f"{name}_b_bn")(y)
+    y = batch_norm(f"{name}_b_bn")(y)
     if strides != 1 or x.shape[-1] != filters:
         shortcut = f.conv(filters, 1, strides=strides, name=f"{name}_short_conv", tag=tag)(x)
-        shortcut = keras.layers.BatchNormalization(name=f"{name}_short_bn")(shortcut)
+        shortcut = batch_norm(f"{name}_short_bn")(shortcut)
     return keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([y, shortcut]))
 
 

@@ -1,8 +1,12 @@
 """Resumable training checkpoints: weights (θ, γ, BatchNorm, optimizer slots), RNG states and progress.
 
-A checkpoint is a directory with ``weights.weights.h5`` (Keras' own format: network and optimizer
-variables) and ``state.json`` (epoch, best validation score, seed-generator states). Both files are written
-to temporary names and renamed, so a process killed mid-save leaves the previous checkpoint intact.
+A checkpoint directory holds, per saved step N, ``ckpt-N.weights.h5`` (Keras' own format: network and
+optimizer variables) and ``ckpt-N.json`` (epoch, step within it, best validation score, seed-generator
+states), and ``state.json``, a copy of the newest ``ckpt-N.json``. Each file is written under a temporary name
+and renamed; ``state.json`` is renamed last and names its weights file, so it is the commit point: a process
+killed at any moment of a save leaves the previous checkpoint loadable. The last ``keep`` checkpoints are kept
+(an unreadable ``state.json`` falls back to the newest complete one). Directories written before this layout
+(``weights.weights.h5`` + ``state.json``) still load.
 """
 
 from __future__ import annotations
@@ -10,72 +14,148 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import time
 
 import keras
 import numpy as np
 
-from bcs_tf.errors import CheckpointError
+from bcs_tf.errors import CheckpointError, DivergenceError
 
-WEIGHTS = "weights.weights.h5"
+LEGACY_WEIGHTS = "weights.weights.h5"
 STATE = "state.json"
+FORMAT = 2  # state.json layout; 1 = the legacy single-file layout
+KEEP = 2
+_REQUIRED = ("epoch", "best", "monitor", "history", "rng")
 
 
 def _seed_generators(trainer):
     return {"attack_seed": trainer.attack_seed, "sampler_seed": trainer.sampler_seed}
 
 
-def save_checkpoint(trainer, directory, state):
-    """Save ``trainer`` (network + optimizer + RNG) and the JSON-serialisable ``state`` dict atomically."""
+def _replace_atomically(path, write):
+    tmp = path.with_name("tmp-" + path.name)
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(trainer, directory, state, keep=KEEP):
+    """Save ``trainer`` (network + optimizer + RNG) and the JSON-serialisable ``state`` dict atomically, as
+    checkpoint number ``trainer.optimizer.iterations``; keeps the newest ``keep`` checkpoints."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp_weights = directory / ("tmp-" + WEIGHTS)
-    trainer.save_weights(tmp_weights)
-    full_state = dict(state)
-    full_state["rng"] = {k: np.asarray(g.state.numpy()).tolist() for k, g in _seed_generators(trainer).items()}
-    tmp_state = directory / ("tmp-" + STATE)
-    tmp_state.write_text(json.dumps(full_state, indent=1))
-    os.replace(tmp_weights, directory / WEIGHTS)
-    os.replace(tmp_state, directory / STATE)
+    name = f"ckpt-{int(trainer.optimizer.iterations.numpy()):09d}"
+    full_state = {**state, "format": FORMAT, "weights": f"{name}.weights.h5",
+                  "rng": {k: np.asarray(g.state.numpy()).tolist() for k, g in _seed_generators(trainer).items()}}
+    text = json.dumps(full_state, indent=1)
+    _replace_atomically(directory / full_state["weights"], trainer.save_weights)
+    _replace_atomically(directory / f"{name}.json", lambda p: p.write_text(text))
+    _replace_atomically(directory / STATE, lambda p: p.write_text(text))
+    for old in _checkpoint_names(directory)[:-keep]:
+        for path in (directory / f"{old}.weights.h5", directory / f"{old}.json"):
+            path.unlink(missing_ok=True)
+
+
+def _checkpoint_names(directory):
+    """Names ``ckpt-N`` of the complete numbered checkpoints in ``directory``, oldest first."""
+    names = sorted(p.name[:-len(".json")] for p in directory.glob("ckpt-*.json")
+                   if re.fullmatch(r"ckpt-\d+\.json", p.name))
+    return [n for n in names if (directory / f"{n}.weights.h5").is_file()]
+
+
+def _parse_state(path):
+    state = json.loads(path.read_text())
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise KeyError(f"missing {', '.join(missing)}")
+    if state.get("format", 1) > FORMAT:
+        raise ValueError(f"written by a newer bcs-tf (format {state['format']}, this one reads ≤ {FORMAT})")
+    state.setdefault("weights", LEGACY_WEIGHTS)
+    return state
 
 
 def has_checkpoint(directory):
-    """Whether ``directory`` holds a complete checkpoint."""
+    """Whether ``directory`` holds a checkpoint (it may still turn out corrupt when read)."""
     directory = pathlib.Path(directory)
-    return (directory / WEIGHTS).is_file() and (directory / STATE).is_file()
+    return (directory / STATE).is_file() or bool(_checkpoint_names(directory))
+
+
+def read_state(directory):
+    """The JSON state of the newest readable checkpoint in ``directory`` (epoch, best score, history, …; key
+    ``weights`` names its weights file). Raises CheckpointError."""
+    directory = pathlib.Path(directory)
+    if not has_checkpoint(directory):
+        raise CheckpointError(f"no checkpoint in {directory} (expected {STATE})")
+    candidates = [directory / STATE] + [directory / f"{n}.json" for n in reversed(_checkpoint_names(directory))]
+    problems = []
+    for path in candidates:
+        try:
+            state = _parse_state(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{path.name}: {exc}")
+            continue
+        if (directory / state["weights"]).is_file():
+            return state
+        problems.append(f"{path.name}: its weights file {state['weights']} is missing")
+    raise CheckpointError(f"corrupt checkpoint in {directory}: {'; '.join(problems)}")
 
 
 def load_checkpoint(trainer, directory):
     """Restore ``trainer`` from ``directory``; returns the saved state dict. Raises CheckpointError."""
     directory = pathlib.Path(directory)
-    if not has_checkpoint(directory):
-        raise CheckpointError(f"no checkpoint in {directory} (expected {WEIGHTS} and {STATE})")
+    state = read_state(directory)
+    rng = state["rng"]
     try:
-        state = json.loads((directory / STATE).read_text())
-        rng = state["rng"]
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"corrupt checkpoint state {directory / STATE}: {exc}") from None
-    try:
-        trainer.load_weights(directory / WEIGHTS)
+        trainer.load_weights(directory / state["weights"])
     except Exception as exc:  # h5py/Keras raise OSError, ValueError, KeyError... for bad files
         raise CheckpointError(
-            f"corrupt or incompatible checkpoint {directory / WEIGHTS}: {type(exc).__name__}: {str(exc)[:200]}"
+            f"corrupt or incompatible checkpoint {directory / state['weights']}: {type(exc).__name__}: "
+            f"{str(exc)[:200]}"
         ) from None
     for key, generator in _seed_generators(trainer).items():
         generator.state.assign(np.asarray(rng[key], dtype=generator.state.dtype))
+    trainer.health.code.assign(0)
     return state
 
 
+def check_before_save(trainer, what):
+    """Raise DivergenceError instead of saving ``what`` when the trainer's weights are not finite or break
+    the connection budget."""
+    problem = trainer.health.problem() or trainer.budget_problem()
+    if problem:
+        raise DivergenceError(f"refusing to save {what}: {problem}")
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stop training at the first step whose loss, gradients or updated weights are NaN or Inf.
+
+    Raises :class:`DivergenceError` from inside ``fit``, so no epoch-end callback runs: the last checkpoint
+    and the best weights on disk stay as they were.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        problem = self.model.health.problem()
+        if problem:
+            step = int(self.model.optimizer.iterations.numpy())
+            raise DivergenceError(f"training diverged at step {step}: {problem} became NaN or Inf")
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Keras callback: checkpoint at every epoch end and keep the best network weights.
+    """Keras callback: checkpoint at every epoch end (and every ``every`` steps within an epoch) and keep the
+    best network weights.
 
     The best epoch is chosen by ``monitor`` (default ``val_robust_acc``, higher is better) on the
     validation split; its network weights go to ``best_path`` (not kept when ``best_path`` is None).
+    ``every="auto"`` checkpoints about every ``auto_seconds`` of training, from the step time measured on the
+    first steps; None only at epoch ends. ``step_offset`` is the step within the first epoch at which this
+    ``fit`` starts (a resumed mid-epoch checkpoint).
     """
 
-    def __init__(self, directory, best_path, monitor="val_robust_acc", resumed_state=None):
+    def __init__(self, directory, best_path, monitor="val_robust_acc", resumed_state=None, extra_state=None,
+                 every=None, keep=KEEP, steps_per_epoch=None, step_offset=0, auto_seconds=600.0):
         super().__init__()
         state = resumed_state or {}
+        self.extra_state = extra_state if extra_state is not None else {}  # saved as is (e.g. lr scale)
         self.directory = pathlib.Path(directory)
         self.best_path = pathlib.Path(best_path) if best_path is not None else None
         self.monitor = monitor
@@ -83,6 +163,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.best_epoch = state.get("best_epoch")
         self.history = list(state.get("history", []))
         self.seconds_before = state.get("train_seconds", 0.0)
+        self.every, self.keep, self.steps_per_epoch = every, keep, steps_per_epoch
+        self.step_offset, self.auto_seconds = step_offset, auto_seconds
+        self._epoch, self._step_times = 0, []
         self._t0 = time.time()
 
     @property
@@ -93,17 +176,39 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._t0 = time.time()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
     def on_epoch_end(self, epoch, logs=None):
+        self.step_offset = 0
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.history.append({"epoch": epoch + 1, **logs})
         score = logs.get(self.monitor)
         if score is not None and score > self.best:
             self.best, self.best_epoch = score, epoch + 1
+        check_before_save(self.model, f"epoch {epoch + 1}")
         if self.best_epoch == epoch + 1 and self.best_path is not None:
             tmp = self.best_path.with_name("tmp-" + self.best_path.name)
             self.model.net.save_weights(tmp)
             os.replace(tmp, self.best_path)
+        self.save(epoch + 1)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.every == "auto":
+            self._step_times.append(time.perf_counter())
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.step_offset + batch + 1  # steps done in the current epoch
+        if self.every == "auto" and len(self._step_times) == 6:  # step 1 traces; time steps 2–6
+            seconds = (time.perf_counter() - self._step_times[1]) / 5
+            self.every = max(1, round(self.auto_seconds / max(seconds, 1e-9)))
+        if isinstance(self.every, int) and step % self.every == 0 and step < (self.steps_per_epoch or step + 1):
+            check_before_save(self.model, f"step {step} of epoch {self._epoch + 1}")
+            self.save(self._epoch, step_in_epoch=step)
+
+    def save(self, epoch, step_in_epoch=0):
+        """Checkpoint the trainer after ``epoch`` whole epochs and ``step_in_epoch`` steps of the next one."""
         save_checkpoint(self.model, self.directory, {
-            "epoch": epoch + 1, "train_seconds": self.train_seconds, "best": self.best, "best_epoch": self.best_epoch,
-            "monitor": self.monitor, "history": self.history,
-        })
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "train_seconds": self.train_seconds, "best": self.best,
+            "best_epoch": self.best_epoch, "monitor": self.monitor, "history": self.history, **self.extra_state,
+        }, keep=self.keep)

@@ -156,6 +156,7 @@ class ConnectivitySampler:
 
     def bind_optimizer(self, optimizer):
         """Resolve the optimizer slots of every θ (the optimizer must be built)."""
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer keeps no slots itself
         self._slots = [optimizer_slots(optimizer, layer.theta) for layer in self.layers]
 
     def active_masks(self):

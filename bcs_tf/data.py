@@ -185,8 +185,9 @@ def labelled_split(x, y, fraction):
     return (x[:n], y[:n]), (x[n:], y[n:])
 
 
-def load_extra_data(path):
-    """Pseudo-labelled extra data ``(x, y)`` from an ``.npz`` with arrays ``x`` (NHWC in [0, 1]) and ``y``."""
+def load_extra_data(path, input_shape=None, num_classes=None):
+    """Pseudo-labelled extra data ``(x, y)`` from an ``.npz`` with arrays ``x`` (NHWC in [0, 1]) and ``y``,
+    checked against the dataset's ``input_shape`` and ``num_classes`` when given."""
     try:
         with np.load(path) as f:
             x, y = f["x"].astype(np.float32), f["y"].astype(np.int32)
@@ -194,6 +195,11 @@ def load_extra_data(path):
         raise DataError(f"cannot read extra data {path} (need an .npz with arrays x and y): {exc}") from None
     if len(x) != len(y) or x.ndim != 4 or not len(x):
         raise DataError(f"extra data {path}: x must be (N, H, W, C) and y (N,); got {x.shape} and {y.shape}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        raise DataError(f"extra data {path}: images of shape {x.shape[1:]}, the dataset's are {tuple(input_shape)}")
+    if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"extra data {path}: labels in [{y.min()}, {y.max()}], the dataset has classes "
+                        f"0–{num_classes - 1}")
     return x, y
 
 

@@ -20,6 +20,10 @@ class CheckpointError(BcsError):
     """A checkpoint or run directory that is missing, corrupt or does not match the model."""
 
 
+class DivergenceError(BcsError):
+    """Training produced NaN or Inf, or a network that breaks its connection budget (nothing is saved)."""
+
+
 def one_line_errors(main):
     """Decorate a CLI ``main(argv)``: a :class:`BcsError` prints as one ``error: …`` line and returns exit code 2."""
 

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 
 import keras
+import tensorflow as tf
 
 from bcs_tf.layers import SparseConv2D, SparseDense
 
@@ -49,9 +50,16 @@ class LayerFactory:
                                   dtype=dtype)
 
 
+def batch_norm(name):
+    """BatchNorm; synchronized across replicas under a multi-replica ``tf.distribute`` strategy, so its
+    statistics are those of the global batch (training then matches one device's)."""
+    return keras.layers.BatchNormalization(name=name,
+                                           synchronized=tf.distribute.get_strategy().num_replicas_in_sync > 1)
+
+
 def bn_relu(x, name):
     """BatchNorm followed by ReLU."""
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = batch_norm(f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 

@@ -55,7 +55,7 @@ MODELS = {
 }
 
 
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 @contextlib.contextmanager
@@ -65,6 +65,7 @@ def precision_policy(precision):
     ``mixed_bfloat16`` computes in bfloat16 with float32 variables (θ, γ, BatchNorm statistics), which
     oneDNN runs on the AMX/AVX-512-BF16 units of recent x86 CPUs: WRN-28-2 steps about twice as fast
     here (bench/step_time.py --precision). No loss scaling is needed: bfloat16 has float32's range.
+    ``mixed_float16`` (GPUs' tensor cores) needs it: the trainer is then given a ``LossScaleOptimizer``.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}. Received: {precision!r}")

@@ -17,6 +17,26 @@ from bcs_tf.connectivity import ConnectivitySampler
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import frozen_kernels, sparse_layers
 
+# what StepHealth.code names, in the order the step checks them
+NONFINITE = {1: "the loss", 2: "a gradient", 3: "a weight (θ) after the update"}
+
+
+class StepHealth:
+    """Set by the compiled step: 0 when its loss, gradients and updated weights are finite, else the first
+    failing quantity's key in :data:`NONFINITE`. A plain object, so Keras does not save it with the weights
+    (checkpoints keep their layout)."""
+
+    def __init__(self):
+        self.code = tf.Variable(0, trainable=False, dtype=tf.int32, name="step_health")
+
+    def problem(self):
+        """None while healthy, else the name of the quantity that became NaN or Inf."""
+        return NONFINITE.get(int(self.code.numpy()))
+
+
+def _all_finite(tensors):
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]))
+
 
 class RobustTrainer(keras.Model):
     """Robust (sparse) training of ``net``.
@@ -31,10 +51,11 @@ class RobustTrainer(keras.Model):
         temperature: Langevin temperature T (see :class:`ConnectivitySampler`).
         alpha: optional L1 prior strength on active θ (added to their gradient).
         seed: seed of the attack and sampler random streams (saved with the weights).
+        jit: compile the attack, loss and gradients with XLA (the sampler stays outside: dynamic shapes).
     """
 
     def __init__(self, net, objective, attack=None, eval_attack=None, allocation=None, rewire=True,
-                 temperature=0.0, alpha=0.0, seed=0, **kwargs):
+                 temperature=0.0, alpha=0.0, seed=0, jit=False, **kwargs):
         super().__init__(**kwargs)
         if alpha < 0:
             raise ConfigError(f"alpha must be ≥ 0. Received: alpha={alpha}")
@@ -52,6 +73,9 @@ class RobustTrainer(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.clean_acc = keras.metrics.SparseCategoricalAccuracy(name="clean_acc")
         self.robust_acc = keras.metrics.SparseCategoricalAccuracy(name="robust_acc")
+        self.health = StepHealth()
+        self.jit = bool(jit)
+        self._xla_core = tf.function(self._attack_and_gradients, jit_compile=True)
         self.built = net.built  # the wrapper owns no weights of its own beyond the seed generators
 
     @property
@@ -69,6 +93,19 @@ class RobustTrainer(keras.Model):
             self.sampler.bind_optimizer(self.optimizer)
         self._theta_ids = {id(layer.theta) for layer in sparse_layers(self.net)}
 
+    def budget_problem(self):
+        """None when every budget group holds exactly its budget of active connections, else what is wrong
+        (checked before every save: a model must never be written with a connectivity other than its claim)."""
+        if self.sampler is None:
+            return None
+        counts = [layer.active_count() for layer in self.sampler.layers]
+        for group, budget in zip(self.sampler.allocation.groups, self.sampler.allocation.budgets):
+            active = sum(counts[i] for i in group)
+            if active != budget:
+                names = ", ".join(self.sampler.layers[i].name for i in group)
+                return f"{active} active connections in {names}, the budget is {budget}"
+        return None
+
     def inference_kernels(self):
         """Context in which attacks run: one precomputed kernel per sparse layer, no gradient w.r.t. θ."""
         return frozen_kernels(self.net)
@@ -84,23 +121,48 @@ class RobustTrainer(keras.Model):
     def _forward(self, x):
         return ops.cast(self.net(x, training=True), "float32")
 
-    def train_step(self, data):
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def _attack_and_gradients(self, x, y):
+        """The attack, the robust loss and its gradients: the dense, fixed-shape part of a step (XLA-able)."""
         with self.inference_kernels():  # the attack needs no gradient w.r.t. θ
             x_adv = self.objective.adversarial(self._predict, x, y, self.attack, seed=self.attack_seed)
         variables = self.trainable_variables
         with tf.GradientTape() as tape, self.training_kernels():
             loss, logits_nat, logits_adv = self.objective.loss(self._forward, x, y, x_adv)
-        grads = tape.gradient(loss, variables)
+            # the optimizer sums the replicas' gradients: each contributes its share of the global mean
+            scaled = loss / tf.distribute.get_replica_context().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(scaled) if self._scaling else scaled
+        return loss, logits_nat, logits_adv, tape.gradient(scaled, variables)
+
+    @property
+    def _scaling(self):
+        return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)  # mixed_float16
+
+    def train_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        # With jit the attack and gradients run as one XLA cluster; the sampler's data-dependent shapes
+        # (tf.where over the active entries) cannot, so it stays outside.
+        core = self._xla_core if self.jit else self._attack_and_gradients
+        loss, logits_nat, logits_adv, grads = core(x, y)
+        variables = self.trainable_variables
+        scaling = self._scaling
         if self.alpha > 0:
-            # L1 prior α·Σ max(0, θ): its gradient is α on active entries, 0 on dormant ones.
-            grads = [g + self.alpha * tf.cast(v > 0, g.dtype) if id(v) in self._theta_ids else g
+            # L1 prior α·Σ max(0, θ): its gradient is α on active entries, 0 on dormant ones (scaled like the
+            # loss gradients when loss scaling is on).
+            alpha = self.alpha / tf.distribute.get_replica_context().num_replicas_in_sync  # summed over replicas
+            alpha = self.optimizer.scale_loss(alpha) if scaling else alpha
+            grads = [g + alpha * tf.cast(v > 0, g.dtype) if id(v) in self._theta_ids else g
                      for g, v in zip(grads, variables)]
         masks = self.sampler.active_masks() if self.sampler is not None else None
         learning_rate = self.optimizer.learning_rate
         self.optimizer.apply(grads, variables)
         if self.sampler is not None:
-            self.sampler.after_update(masks, learning_rate)
+            # once, in cross-replica context: every replica gets the same noise, deaths and re-activations
+            tf.distribute.get_replica_context().merge_call(self._rewire, args=(masks, learning_rate))
+        # checked every step (≈ one pass over the parameters) so a divergence stops training where it happens;
+        # under loss scaling an overflowing gradient is normal (the optimizer skips that step and lowers the scale)
+        grads_ok = tf.constant(True) if scaling else _all_finite(grads)
+        self.health.code.assign(tf.where(~tf.reduce_all(tf.math.is_finite(loss)), 1,
+                                         tf.where(~grads_ok, 2, tf.where(~_all_finite(variables), 3, 0))))
         self.loss_tracker.update_state(loss)
         logs = {"loss": self.loss_tracker.result()}
         # Only the accuracies the objective computes are reported (decided at trace time).
@@ -109,6 +171,10 @@ class RobustTrainer(keras.Model):
                 metric.update_state(y, logits)
                 logs[metric.name] = metric.result()
         return logs
+
+    def _rewire(self, strategy, masks, learning_rate):
+        first = strategy.experimental_local_results  # the replicas' masks are equal (mirrored θ)
+        self.sampler.after_update([first(m)[0] for m in masks], first(learning_rate)[0])
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)

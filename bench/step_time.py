@@ -3,7 +3,8 @@
 For each objective, the trainers are timed in interleaved rounds on the same batch, so machine load
 affects them alike; ratios are measured within one run. Target: BCS/dense ≤ 1.05. ``--precision
 float32,mixed_bfloat16`` times both compute precisions; ``--eager-steps N`` adds the BCS step executed
-eagerly (how research code without ``tf.function`` runs it) as a baseline.
+eagerly (how research code without ``tf.function`` runs it) as a baseline. Each objective's row ends with
+the input pipeline's throughput against the fastest step's (target ≥ 3×: the step must never wait for data).
 
     python -m bench.step_time [--model small_cnn] [--objectives at,trades] [--rounds 5] [--steps 10]
                               [--precision float32] [--eager-steps 0]
@@ -23,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bcs_tf.attacks import AttackConfig  # noqa: E402
+from bcs_tf.data import augment_batch, make_pipeline  # noqa: E402
 from bcs_tf.models import MODELS, PRECISIONS, build_model  # noqa: E402
 from bcs_tf.objectives import make_objective  # noqa: E402
 from bcs_tf.trainer import RobustTrainer  # noqa: E402
@@ -41,6 +43,24 @@ def make_trainer(model, method, objective, connectivity, input_shape, attack_ste
                     run_eagerly=eager)
     trainer.prepare()
     return trainer
+
+
+def pipeline_images_per_second(input_shape, batch_size, batches=100):
+    """Images per second the training input pipeline delivers (``make_pipeline`` as ``training.run`` uses it,
+    with the authors' augmentation for CIFAR-shaped inputs), iterated as fast as it goes after a warm-up."""
+    rng = np.random.default_rng(0)
+    n = batch_size * batches
+    x = rng.uniform(size=(n,) + tuple(input_shape)).astype("float32")
+    y = rng.integers(0, 10, n).astype("int32")
+    augment = augment_batch if input_shape[0] == 32 else None
+    ds = make_pipeline(x, y, batch_size, shuffle=True, seed=0, augment=augment, epochs=(0, 2))
+    it = iter(ds)
+    for _ in range(batches // 5):  # warm-up: tracing, AUTOTUNE
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 def sampler_ms(trainer, repeats):
@@ -106,6 +126,10 @@ def main(argv=None):
             vs32 = f"{b / med[('bcs', 'float32')]:13.3f}" if ("bcs", "float32") in med else f"{'-':>13s}"
             print(f"{objective:10s} {q:15s} {d:9.1f} {r:10.1f} {b:8.1f} {b / d:10.3f} {r / d:13.3f} "
                   f"{sampler:11.2f} {sampler / b:12.3f} {vs32}", flush=True)
+        fastest = 1000 * args.batch_size / min(med.values())
+        feed = pipeline_images_per_second(shape, args.batch_size)
+        print(f"{objective:10s} input pipeline {feed:,.0f} images/s = {feed / fastest:.1f}× the fastest step "
+              f"({fastest:,.0f} images/s; target ≥ 3×)", flush=True)
         if args.eager_steps > 0:
             eager = make_trainer(args.model, "bcs", objective, args.connectivity, shape, args.attack_steps,
                                  precisions[0], eager=True)

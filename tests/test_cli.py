@@ -81,10 +81,11 @@ def test_smoke_run_writes_a_loadable_model_and_metrics_then_resumes(tmp_path, ca
 def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(FAST + ["--max-steps", "2", "--out", str(out)]) == 0
-    (out / "checkpoint" / "weights.weights.h5").write_bytes(b"garbage")
+    weights = json.loads((out / "checkpoint" / "state.json").read_text())["weights"]
+    (out / "checkpoint" / weights).write_bytes(b"garbage")
     assert main(FAST + ["--max-steps", "4", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "corrupt" in err and "weights.weights.h5" in err
+    assert "corrupt" in err and weights in err
 
 
 def test_max_steps_stops_early(tmp_path):

@@ -41,9 +41,11 @@ def test_reproduce_resumes_a_killed_run_skips_finished_ones_and_refuses_other_se
     first = _reproduce(out, runs)
     state = runs / "at" / "dense_s0" / "checkpoint" / "state.json"
     deadline = time.time() + 300
-    while not state.exists() and first.poll() is None and time.time() < deadline:
+    while not (state.exists() and json.loads(state.read_text())["epoch"] >= 1) and first.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.05)
-    assert state.exists(), "the first run never wrote its epoch-1 checkpoint"
+    assert state.exists() and json.loads(state.read_text())["epoch"] >= 1, \
+        "the first run never wrote its epoch-1 checkpoint"
     os.killpg(first.pid, signal.SIGKILL)  # the whole process group: reproduce and its training run
     first.wait()
     assert not (runs / "at" / "dense_s0" / "metrics.json").exists(), "killed too late to test resuming"

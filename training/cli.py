@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import os
+import pathlib
 import re
 import sys
 import tempfile
@@ -100,13 +101,18 @@ def import_tensorflow(verbose=1):
 
 
 def one_line_errors(main):
-    """Decorate a CLI ``main(argv)``: a :class:`FlagError` or a ``bcs_tf`` input error prints as one
-    ``error: …`` line and returns exit code 2 (the library's errors are matched without importing it)."""
+    """Decorate a CLI ``main(argv)``: a :class:`FlagError`, a ``bcs_tf`` input error or a file-system error
+    (unwritable directory, full disk, missing file) prints as one ``error: …`` line and returns exit code 2
+    (the library's errors are matched without importing it)."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         except Exception as exc:
             errors = sys.modules.get("bcs_tf.errors")
             if isinstance(exc, FlagError) or (errors is not None and isinstance(exc, errors.BcsError)):
@@ -115,6 +121,17 @@ def one_line_errors(main):
             raise
 
     return wrapper
+
+
+def check_writable(path, flag):
+    """Raise FlagError unless ``path`` (a file or directory, existing or not) can be created or replaced."""
+    path = pathlib.Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise FlagError(f"{flag}: cannot create {path}: {existing} is not a directory")
+    directory = existing if existing.is_dir() else existing.parent
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise FlagError(f"{flag}: cannot write {path}: {directory} is not writable")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -19,9 +19,10 @@ AUTHORS_NOISE_SIGMA = 1e-6
 OBJECTIVE_NAMES = ("natural", "at", "mat", "trades", "mart", "rst")
 MODEL_NAMES = ("small_cnn", "small_cnn_x2", "small_cnn_x4", "vgg16", "resnet18", "wrn28_2", "wrn28_4", "wrn28_10")
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "synthetic")
-PRECISION_NAMES = ("float32", "mixed_bfloat16")
+PRECISION_NAMES = ("float32", "mixed_bfloat16", "mixed_float16")
 BUDGET_MODES = ("global", "layer")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
+STRATEGY_NAMES = ("default", "mirrored")
 SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
 # Training methods (training/methods/ has one module each); those in FROM_METHODS start from another run.
 METHOD_NAMES = ("bcs", "random", "dense", "fixed", "hydra", "lottery", "iwi")
@@ -59,7 +60,8 @@ class RunConfig:
     model: str = flag("small_cnn", "model", "small_cnn (3 conv-BN-ReLU blocks + 128-unit head) is the CPU "
                       "default, _x2/_x4 its wider versions; the rest are the paper's CIFAR networks", MODEL_NAMES)
     precision: str = flag("float32", "model", "mixed_bfloat16: bfloat16 compute on AMX/AVX-512-BF16 CPUs and "
-                          "GPUs; the test evaluation and model.keras stay float32", PRECISION_NAMES)
+                          "GPUs; mixed_float16: float16 compute with dynamic loss scaling (GPU tensor cores); "
+                          "θ, γ, the sampler, the test evaluation and model.keras stay float32", PRECISION_NAMES)
     method: str = flag("bcs", "sparsity", "bcs = Langevin rewiring; random = fixed random mask; dense = plain "
                        "Keras layers; fixed/hydra/lottery/iwi start from --from (README: Baselines)", METHOD_NAMES)
     from_run: typing.Optional[str] = flag(None, "sparsity", "the finished run fixed/hydra/lottery prune (a dense "
@@ -104,6 +106,17 @@ class RunConfig:
                                "following the learning-rate schedule")
     seed: int = flag(0, "optimisation", "seed of the initialisation, data order, attacks and rewiring")
     max_steps: typing.Optional[int] = flag(None, "optimisation", "stop after N optimizer steps (smoke runs)")
+    strategy: str = flag("default", "optimisation", "default: one device; mirrored: data-parallel over every "
+                         "local GPU (else every CPU device), the --batch-size split among them", STRATEGY_NAMES)
+    jit: bool = flag(False, "optimisation", "compile the training step with XLA (jit_compile; often faster on "
+                     "GPUs, slower on CPUs here)")
+    on_nan: str = flag("stop", "optimisation", "when a step's loss, gradients or weights turn NaN/Inf: stop (files "
+                       "untouched, exit 2) or restore the last checkpoint at half the learning rate (≤ 3 times)",
+                       ("stop", "restore"))
+    checkpoint_every: typing.Optional[int] = flag(None, "output", "also checkpoint every N optimizer steps within an "
+                                                  "epoch (0: at epoch ends only)",
+                                                  shown="≈ 10 min of training, from the measured step time")
+    keep_checkpoints: int = flag(2, "output", "checkpoints kept in checkpoint/ (the newest first)")
     select_by: str = flag("robust", "output", "validation accuracy that chooses the saved epoch",
                           ("robust", "clean"))
     out: str = flag("runs/default", "output", "run directory (never replaced without --overwrite)", metavar="DIR")
@@ -119,7 +132,9 @@ class RunConfig:
         for flag in ("epochs", "batch_size"):
             if getattr(self, flag) < 1:
                 bad(flag, "must be ≥ 1")
-        for flag in ("lr", "weight_decay", "eps", "beta", "alpha", "attack_steps", "eval_steps", "val_split"):
+        if self.eval_steps < 1:
+            bad("eval_steps", "the test PGD needs at least one step")
+        for flag in ("lr", "weight_decay", "eps", "beta", "alpha", "attack_steps", "val_split"):
             if getattr(self, flag) < 0:
                 bad(flag, "must be ≥ 0")
         if not 0.0 <= self.momentum < 1.0:
@@ -130,6 +145,10 @@ class RunConfig:
             bad("temperature", "must be ≥ 0")
         if self.max_steps is not None and self.max_steps < 1:
             bad("max_steps", "must be ≥ 1")
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            bad("checkpoint_every", "must be ≥ 0")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", "must be ≥ 1")
         if self.eval_restarts < 1:
             bad("eval_restarts", "must be ≥ 1")
         if not 0.0 < self.labelled_fraction <= 1.0:

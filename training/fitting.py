@@ -13,7 +13,9 @@ import pathlib
 
 import keras
 
-from bcs_tf.checkpoint import EpochCheckpoint, has_checkpoint, load_checkpoint
+from bcs_tf.checkpoint import DivergenceGuard, EpochCheckpoint, check_before_save, has_checkpoint, \
+    load_checkpoint, read_state, save_checkpoint
+from bcs_tf.errors import DivergenceError
 from bcs_tf.data import augment_batch, batches_per_epoch, labelled_split, load_extra_data, make_mixed_pipeline, \
     make_pipeline
 from bcs_tf.layers import sparse_layers
@@ -39,14 +41,18 @@ OPTIMIZERS = {
 assert set(SCHEDULES) == set(SCHEDULE_NAMES) and set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
 
 
-def make_optimizer(cfg, total_steps, lr=None):
-    """Optimizer ``cfg.optimizer`` on schedule ``cfg.lr_schedule`` from ``lr`` (default ``cfg.lr``).
+MAX_RESTORES = 3  # --on-nan restore: roll back at most this many times per phase
+
+
+def make_optimizer(cfg, total_steps, lr=None, scale=1.0):
+    """Optimizer ``cfg.optimizer`` on schedule ``cfg.lr_schedule`` from ``lr`` (default ``cfg.lr``) × ``scale``.
 
     Keras applies θ ← θ − lr_t·weight_decay·θ, so passing wd/lr0 makes the decay follow the learning-rate
-    schedule exactly as the authors' wd_t does (checked bit-exact for SGD).
+    schedule exactly as the authors' wd_t does (checked bit-exact for SGD); ``scale`` (the halvings of
+    ``--on-nan restore``) scales the decay with the rate.
     """
     lr = cfg.lr if lr is None else lr
-    schedule = SCHEDULES[cfg.lr_schedule](cfg, total_steps, lr)
+    schedule = SCHEDULES[cfg.lr_schedule](cfg, total_steps, lr * scale)
     return OPTIMIZERS[cfg.optimizer](schedule, cfg, cfg.weight_decay / lr if lr > 0 else 0.0)
 
 
@@ -84,6 +90,7 @@ class Snapshots(keras.callbacks.Callback):
 
     def save(self, epoch):
         if epoch in self.epochs:
+            check_before_save(self.model, f"the snapshot of epoch {epoch}")
             self.directory.mkdir(parents=True, exist_ok=True)
             self.model.net.save_weights(self.directory / f"epoch_{epoch}.weights.h5")
 
@@ -104,7 +111,7 @@ def train_pipeline(cfg, data, initial_epoch, epochs):
     (x_train, y_train), _ = labelled_split(data.x_train, data.y_train, cfg.labelled_fraction)
     augment = functools.partial(augment_batch, flip=not cfg.no_flip) if cfg.augmented else None
     if cfg.extra_data:  # RST: every batch mixes labelled and pseudo-labelled examples
-        x_extra, y_extra = load_extra_data(cfg.extra_data)
+        x_extra, y_extra = load_extra_data(cfg.extra_data, data.input_shape, data.num_classes)
         return make_mixed_pipeline(x_train, y_train, x_extra, y_extra, cfg.batch_size, cfg.extra_fraction,
                                    seed=cfg.seed, augment=augment, epochs=(initial_epoch, epochs))
     return make_pipeline(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
@@ -121,36 +128,79 @@ def fit_phase(trainer, cfg, data, directory, epochs, lr=None, verbose=1, select_
               max_steps=None):
     """Train ``trainer`` for ``epochs`` epochs with checkpoints in ``directory``; returns the EpochCheckpoint.
 
-    Continues from ``directory/checkpoint`` when it exists. With ``select_best`` the network ends with the
-    weights of the best validation epoch (``cfg.select_by``), else with those of the last epoch.
+    Continues from ``directory/checkpoint`` when it exists (one is written before the first epoch). With
+    ``select_best`` the network ends with the weights of the best validation epoch (``cfg.select_by``), else
+    with those of the last epoch. A step whose loss, gradients or weights are not finite stops training with
+    :class:`DivergenceError` (the files on disk untouched); with ``cfg.on_nan == "restore"`` the phase instead
+    rolls back to its last checkpoint and goes on at half the learning rate, at most ``MAX_RESTORES`` times.
     """
     directory = pathlib.Path(directory)
+    ckpt_dir = directory / "checkpoint"
+    state = read_state(ckpt_dir) if has_checkpoint(ckpt_dir) else {}
+    restores = list(state.get("restores", []))
+    while True:
+        try:
+            return _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapshots, max_steps,
+                        restores)
+        except DivergenceError as exc:
+            if cfg.on_nan != "restore" or len(restores) >= MAX_RESTORES:
+                tried = f" after {len(restores)} restore(s)" if restores else ""
+                raise DivergenceError(f"{exc}{tried}; the last checkpoint in {ckpt_dir} and the best weights are "
+                                      "untouched" + ("" if cfg.on_nan == "restore" else
+                                                     " (--on-nan restore rolls back and halves the learning rate)"))
+            restores.append({"error": str(exc), "lr_scale": 0.5 ** (len(restores) + 1)})
+            print(f"{exc}: rolling back to the last checkpoint, learning rate ×{restores[-1]['lr_scale']:g} "
+                  f"(restore {len(restores)} of at most {MAX_RESTORES})")
+
+
+def _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapshots, max_steps, restores):
+    """One attempt of :func:`fit_phase` at learning-rate scale 0.5^len(restores)."""
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
-    trainer.compile(optimizer=make_optimizer(cfg, total_steps, lr), jit_compile=False)
+    scale = restores[-1]["lr_scale"] if restores else 1.0
+    optimizer = make_optimizer(cfg, total_steps, lr, scale)
+    if cfg.precision == "mixed_float16":  # float16 gradients underflow without a (dynamic) loss scale
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    trainer.compile(optimizer=optimizer, jit_compile=False)  # --jit: the trainer compiles its XLA-able part
     trainer.prepare()
+    trainer.health.code.assign(0)
     ckpt_dir, best_path = directory / "checkpoint", directory / "best.weights.h5"
     state = None
     if has_checkpoint(ckpt_dir):
         state = load_checkpoint(trainer, ckpt_dir)
-        print(f"resuming {directory} after epoch {state['epoch']} (best {state['monitor']} {state['best']:.4f})")
+        if state["epoch"] or state.get("step_in_epoch") or restores:
+            within = f" and step {state['step_in_epoch']} of the next" if state.get("step_in_epoch") else ""
+            print(f"resuming {directory} after epoch {state['epoch']}{within} "
+                  f"(best {state['monitor']} {state['best']:.4f})")
     monitor = "val_robust_acc" if cfg.select_by == "robust" else "val_clean_acc"
-    saver = EpochCheckpoint(ckpt_dir, best_path if select_best else None, monitor=monitor, resumed_state=state)
-    callbacks = [saver, keras.callbacks.TensorBoard(directory / "logs", write_graph=False)]
+    skip = state.get("step_in_epoch", 0) if state else 0
+    saver = EpochCheckpoint(ckpt_dir, best_path if select_best else None, monitor=monitor, resumed_state=state,
+                            extra_state={"restores": restores}, keep=cfg.keep_checkpoints, steps_per_epoch=per_epoch,
+                            every="auto" if cfg.checkpoint_every is None else cfg.checkpoint_every or None,
+                            step_offset=skip)
+    if state is None:  # the point to roll back to when the first epoch diverges
+        check_before_save(trainer, "the initial network")
+        saver.set_model(trainer)
+        saver.save(0)
+    callbacks = [DivergenceGuard(), saver, keras.callbacks.TensorBoard(directory / "logs", write_graph=False)]
     if sparse_layers(trainer.net):
-        callbacks.insert(0, ConnectivityLog())
+        callbacks.insert(1, ConnectivityLog())
     if snapshots:
         callbacks.append(Snapshots(directory / "snapshots", snapshots))
     if max_steps is not None:
         callbacks.append(StopAfterSteps(max_steps))
     initial_epoch = state["epoch"] if state else 0
     last_epoch = min(epochs, math.ceil(total_steps / per_epoch))
-    train_ds = train_pipeline(cfg, data, initial_epoch, last_epoch)
     val_ds = make_pipeline(data.x_val, data.y_val, 256) if len(data.x_val) else None
     saver.trained = initial_epoch < last_epoch
-    if saver.trained:
-        trainer.fit(train_ds, epochs=last_epoch, initial_epoch=initial_epoch, steps_per_epoch=per_epoch,
-                    validation_data=val_ds, shuffle=False, callbacks=callbacks, verbose=verbose)
+    fit = functools.partial(trainer.fit, validation_data=val_ds, shuffle=False, callbacks=callbacks, verbose=verbose)
+    if saver.trained and skip:  # the rest of an epoch a mid-epoch checkpoint interrupted, on the same batches
+        fit(train_pipeline(cfg, data, initial_epoch, initial_epoch + 1).skip(skip), epochs=initial_epoch + 1,
+            initial_epoch=initial_epoch, steps_per_epoch=per_epoch - skip)
+        initial_epoch += 1
+    if initial_epoch < last_epoch and not trainer.stop_training:
+        fit(train_pipeline(cfg, data, initial_epoch, last_epoch), epochs=last_epoch, initial_epoch=initial_epoch,
+            steps_per_epoch=per_epoch)
     if select_best and best_path.is_file():
         trainer.net.load_weights(best_path)
     return saver

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -63,7 +64,9 @@ def parse_args(argv=None):
     """Parse and validate the command line (without TensorFlow) into ``(RunConfig, options dict)``."""
     args = vars(build_parser().parse_args(argv))
     options = {k: args.pop(k) for k in ("resume", "overwrite", "verbose", "no_report")}
-    return RunConfig(**args), options
+    cfg = RunConfig(**args)
+    cli.check_writable(cfg.out, "--out")
+    return cfg, options
 
 
 def prepare_out_dir(cfg, resume, overwrite):
@@ -99,22 +102,28 @@ def prepare_out_dir(cfg, resume, overwrite):
 def train(cfg, resume=False, overwrite=False, verbose=1):
     """Run ``cfg.method``'s phases, the final training and the test evaluation; returns the metrics dict."""
     # imported here, not at the top, so that a bad flag is reported before TensorFlow loads
+    from bcs_tf.checkpoint import check_before_save
     from bcs_tf.connectivity import connectivity_report
-    from bcs_tf.data import load_dataset
+    from bcs_tf.data import load_dataset, load_extra_data
     from bcs_tf.evaluation import robust_accuracy
+    from training.distribution import make_strategy
     from training.fitting import fit_phase
     from training.methods import METHODS, Context
 
     t_start = time.time()
+    strategy = make_strategy(cfg.strategy)
     method = METHODS[cfg.method]
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
+    if cfg.extra_data:  # checked against the dataset before anything is written
+        load_extra_data(cfg.extra_data, data.input_shape, data.num_classes)
     source_cfg = method.check_source(cfg, data.input_shape)  # a wrong --from stops before anything is written
     out = prepare_out_dir(cfg, resume, overwrite)
     ctx = Context(cfg, data, out, source_cfg, verbose)
-    start = method.start(ctx)
-    trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
-    saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose, snapshots=cfg.snapshots,
-                      max_steps=cfg.max_steps)
+    with strategy.scope():  # variables mirrored on every replica; fit splits each global batch among them
+        start = method.start(ctx)
+        trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
+        saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose,
+                          snapshots=cfg.snapshots, max_steps=cfg.max_steps)
     train_seconds = saver.train_seconds if saver.trained else saver.seconds_before
 
     net = start.net
@@ -125,7 +134,10 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
     clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
                                     restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
-    net.save(out / "model.keras")
+    check_before_save(trainer, out / "model.keras")  # the shipped network has exactly its budget
+    tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind
+    net.save(tmp)
+    os.replace(tmp, out / "model.keras")
     metrics = {
         "test_clean_acc": clean,
         f"test_pgd{cfg.eval_steps}_acc": robust,
@@ -137,6 +149,7 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
         "connectivity": connectivity_report(net) if cfg.sparse else {"connectivity": 1.0},
         "allocation": start.allocation.to_dict() if start.allocation else None,
         "method": {"name": cfg.method, **start.info},
+        "divergence_restores": saver.extra_state.get("restores", []),
         "input_shape": list(data.input_shape),
         "data_source": data.source,
         "history": saver.history,

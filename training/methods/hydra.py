@@ -27,7 +27,7 @@ class Hydra(Method):
         net, allocation = ctx.build("random")
         transfer(dense, net, {layer.name: np.ones(tuple(layer.theta.shape), bool) for layer in sparse_layers(net)})
         scorer = HydraScoreTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, jit=cfg.jit)
         epochs = cfg.score_epochs or max(1, round(0.2 * cfg.epochs))
         ctx.phase("hydra_scores", scorer, epochs)
         masks = scorer.masks()
