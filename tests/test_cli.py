@@ -153,13 +153,15 @@ def test_rst_pseudolabel_round_trip(tmp_path, capsys):
     assert "--extra-data" in capsys.readouterr().err
 
 
-def test_mixed_bfloat16_trains_and_ships_a_float32_model(tmp_path):
+@pytest.mark.parametrize("precision,extra", [("mixed_bfloat16", []), ("mixed_float16", ["--alpha", "1e-4"]),
+                                             ("float32", ["--jit"])])
+def test_mixed_precision_and_xla_train_and_ship_a_float32_model(tmp_path, precision, extra):
     import keras
 
     import bcs_tf  # noqa: F401
 
-    out = tmp_path / "bf16"
-    assert main(FAST + ["--max-steps", "3", "--precision", "mixed_bfloat16", "--out", str(out)]) == 0
+    out = tmp_path / precision
+    assert main(FAST + ["--max-steps", "3", "--precision", precision, "--out", str(out)] + extra) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
     assert 0.0 <= metrics["test_pgd2_acc"] <= metrics["test_clean_acc"] <= 1.0
