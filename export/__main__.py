@@ -34,8 +34,7 @@ def build_parser():
     out.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/export/model[_QUANT].EXT)")
     out.add_argument("--allow-mismatch", action="store_true", help="write even if parity fails (loudly)")
     out.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    out.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                     help="2: also TensorFlow's start-up log and the converters' output")
+    cli.add_verbose(out)
     return p
 
 

@@ -40,7 +40,7 @@ def build_parser():
     p.add_argument("model", metavar="MODEL.tflite", help="a file written by `python -m export --format tflite`")
     p.add_argument("--index", type=int, default=0, help="Fashion-MNIST test image index, 0–9999")
     p.add_argument("--image", help="a 28x28 grayscale .png or .npy instead of a test image")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="2: also TensorFlow's start-up log")
+    cli.add_verbose(p)
     return p
 
 

@@ -152,6 +152,13 @@ class Parser(argparse.ArgumentParser):
         raise FlagError(f"{message} (see {self.prog} --help)")
 
 
+def add_verbose(group):
+    """The ``--verbose {0,1,2}`` flag every command shares."""
+    group.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                       help="0 quiet, 1 progress bars, 2 one line per epoch or attack plus TensorFlow's start-up "
+                       "log and the converters' output (for log files)")
+
+
 def parser(prog, doc):
     """A :class:`Parser` with the house help format; its description is the first paragraph of ``doc`` without
     the leading ````python -m …````: part."""

@@ -112,9 +112,7 @@ def build_parser():
     mode.add_argument("--resume", action="store_true",
                       help="keep the attacks an existing NAME.json (same settings) holds and run the rest")
     out.add_argument("--strict", action="store_true", help="exit 3 when the order check fails")
-    out.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                     help="0 quiet, 1 progress bars, 2 one line per epoch/attack and TensorFlow's start-up "
-                     "log (for log files)")
+    cli.add_verbose(out)
     out.add_argument("--no-report", action="store_true", help="skip report.md and the figures of the run")
     return p
 

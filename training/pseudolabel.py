@@ -32,7 +32,7 @@ def build_parser():
                    help="pool = the training set beyond this fraction (default: the teacher's own fraction)")
     p.add_argument("--pool", help="external .npz with an array x of images in [0, 1] (instead of the dataset)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="2: also TensorFlow's start-up log")
+    cli.add_verbose(p)
     return p
 
 

@@ -53,9 +53,7 @@ def build_parser():
     mode.add_argument("--resume", action="store_true", help="continue the stopped (or finished) run in --out; "
                       "only --epochs and --max-steps may change")
     mode.add_argument("--overwrite", action="store_true", help="replace the bcs-tf files of an existing run in --out")
-    out.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
-                     help="0 quiet, 1 progress bars, 2 one line per epoch/attack and TensorFlow's start-up "
-                     "log (for log files)")
+    cli.add_verbose(out)
     out.add_argument("--no-report", action="store_true", help="skip report.md and the figures at the end")
     return p
 
