@@ -212,3 +212,33 @@ def kernel_nonzeros(model_bytes):
                 total += int(np.count_nonzero(array))
     return total
 
+
+
+def weight_storage(model_bytes):
+    """``[(op, storage)]`` for every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op: ``"sparse kernel"``
+    when its weight tensor is stored sparse and fed to it directly (the op itself computes sparse), ``"densified"``
+    when a DENSIFY op rebuilds the dense weights first (sparse storage, dense compute), ``"dense"`` otherwise."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    ops = schema.BuiltinOperator
+    names = {v: k for k, v in vars(ops).items() if not k.startswith("_")}
+    weighted = {ops.CONV_2D, ops.DEPTHWISE_CONV_2D, ops.FULLY_CONNECTED}
+    found = []
+    for sg in model.subgraphs:
+        producer = {int(o): op for op in sg.operators for o in op.outputs}
+
+        def code(op):
+            c = model.operatorCodes[op.opcodeIndex]
+            return max(c.builtinCode, c.deprecatedBuiltinCode)
+
+        for op in sg.operators:
+            if code(op) not in weighted:
+                continue
+            t_index, storage = int(op.inputs[1]), "dense"
+            while t_index in producer and code(producer[t_index]) in (ops.DENSIFY, ops.DEQUANTIZE):
+                if code(producer[t_index]) == ops.DENSIFY:
+                    storage = "densified"
+                t_index = int(producer[t_index].inputs[0])
+            if storage == "dense" and sg.tensors[t_index].sparsity is not None:
+                storage = "sparse kernel"
+            found.append((names.get(code(op), str(code(op))), storage))
+    return found

@@ -282,9 +282,9 @@ def _collect(spec, runs_dir, out, manifest, train_cmd, eval_cmd):
     """Copy the run's metrics and evaluation into ``out/runs/ID`` and record the run in the manifest."""
     run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "eval.json", "eval.md"):
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, dest / name)
+    for path in [run_dir / "metrics.json", *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
+        if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
+            shutil.copyfile(path, dest / path.name)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = manifest.data["runs"].get(spec.id, {})
     manifest.record(spec.id, status="finished", command=_display(train_cmd), evaluate=_display(eval_cmd),

@@ -1,0 +1,164 @@
+"""What a run's exported model costs on the device, sparse storage against its dense-stored twin (not a test).
+
+For each requested LiteRT number format the run's stripped model is converted twice — sparse storage (what
+``python -m export`` writes) and dense storage — and the ONNX export likewise (``sparse_initializer`` and dense).
+Each file is measured in a fresh Python process (so one file's allocations do not hide another's): file size,
+resident memory added by creating the interpreter and ``allocate_tensors`` (LiteRT, 1 thread) or the session
+(onnxruntime, 1 thread), and the median single-example latency, for LiteRT under the default delegates (XNNPACK)
+and under the reference kernels. The table also lists how every weighted op gets its weights: ``sparse kernel``
+(stored sparse, computed sparse), ``densified`` (a DENSIFY op rebuilds dense weights at load: smaller file, dense
+compute) or ``dense``. Ratios are sparse / dense, measured in one run.
+
+    python -m bench.device RUN_DIR [--quantize none,int8] [--repeats 300]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from training import cli
+
+# Runs in a fresh interpreter per file: RSS before/after loading, then the median latency of single examples.
+PROBE = r"""
+import json, sys, time, statistics
+import numpy as np
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+path, kind, resolver, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if kind == "tflite":
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    op_resolver = {"default": OpResolverType.AUTO, "reference": OpResolverType.BUILTIN_REF}[resolver]
+    before = rss()
+    it = Interpreter(model_path=path, num_threads=1, experimental_op_resolver_type=op_resolver)
+    it.allocate_tensors()
+    after = rss()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    x = np.random.default_rng(0).uniform(size=inp["shape"]).astype(np.float32)
+    if inp["dtype"] != np.float32:
+        scale, zero = inp["quantization"]
+        x = np.clip(np.round(x / scale + zero), -128, 127).astype(inp["dtype"])
+    def call():
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        return it.get_tensor(out["index"])
+else:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    before = rss()
+    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    after = rss()
+    name = sess.get_inputs()[0].name
+    shape = [1] + [int(d) for d in sess.get_inputs()[0].shape[1:]]
+    x = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+    def call():
+        return sess.run(None, {name: x})
+for _ in range(20):
+    call()
+times = []
+for _ in range(repeats):
+    t = time.perf_counter(); call(); times.append(time.perf_counter() - t)
+print(json.dumps({"memory_bytes": after - before, "latency_ms": 1000 * statistics.median(times)}))
+"""
+
+
+def build_parser():
+    """The benchmark's parser."""
+    p = cli.parser("python -m bench.device", __doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished `training.run` directory")
+    p.add_argument("--quantize", default="none,int8", metavar="Q1,Q2",
+                   help="comma-separated LiteRT number formats: none, dynamic, float16, int8")
+    p.add_argument("--repeats", type=cli.positive(int), default=300, metavar="N", help="timed single-example calls")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX files")
+    return p
+
+
+def probe(path, kind, resolver, repeats):
+    """Memory and latency of one file, measured in a fresh process."""
+    res = subprocess.run([sys.executable, "-c", PROBE, str(path), kind, resolver, str(repeats)],
+                         capture_output=True, text=True)
+    if res.returncode:
+        return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1][:160]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def files(run_dir, quantizes, onnx):
+    """``{(format, storage): (kind, bytes, weight storage)}`` for the run's model."""
+    from bcs_tf.data import load_dataset
+    from export import onnx_export, tflite, tflite_sparse
+    from export.strip import strip_model
+    from training.config import load_finished_run
+
+    cfg, model = load_finished_run(run_dir)
+    plain = strip_model(model)
+    data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
+    out = {}
+    for q in quantizes:
+        for storage in ("sparse", "dense"):
+            with cli.native_output(0):
+                blob, _ = tflite.convert(plain, q, storage == "sparse", data.x_train[:200])
+            out[(f"tflite {q}", storage)] = ("tflite", blob, tflite_sparse.weight_storage(blob))
+    if onnx:
+        with cli.native_output(0):
+            proto = onnx_export.to_onnx(plain)
+        out[("onnx", "dense")] = ("onnx", proto.SerializeToString(), [])  # before sparsify, which edits in place
+        sparse, moved = onnx_export.sparsify(proto)
+        out[("onnx", "sparse")] = ("onnx", sparse.SerializeToString(), [("initializers", f"{moved} sparse")])
+    return out
+
+
+def _storage_summary(ops):
+    counts = collections.Counter(f"{op} {storage}" for op, storage in ops)
+    return ", ".join(f"{n}× {k}" for k, n in sorted(counts.items())) or "—"
+
+
+@cli.one_line_errors
+def main(argv=None):
+    """Print one row per file and the sparse / dense ratios."""
+    args = build_parser().parse_args(argv)
+    quantizes = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    bad = [q for q in quantizes if q not in ("none", "dynamic", "float16", "int8")]
+    if bad or not quantizes:
+        raise cli.FlagError(f"--quantize: choose from none, dynamic, float16, int8. Received: {args.quantize!r}")
+    if not (pathlib.Path(args.run_dir) / "model.keras").is_file():
+        raise cli.FlagError(f"{args.run_dir} has no model.keras (is it a finished `training.run` output?)")
+    cli.import_tensorflow()
+    built = files(args.run_dir, quantizes, not args.no_onnx)
+    print(f"{args.run_dir}: 1 thread, median of {args.repeats} single-example calls; memory = RSS added by "
+          "loading and allocating")
+    print("| file | storage | KiB | memory MiB | latency ms (default) | latency ms (reference) | weighted ops |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for (fmt, storage), (kind, blob, ops) in built.items():
+            path = pathlib.Path(tmp) / f"{fmt.replace(' ', '_')}_{storage}.{kind}"
+            path.write_bytes(blob)
+            default = probe(path, kind, "default", args.repeats)
+            reference = probe(path, kind, "reference", args.repeats) if kind == "tflite" else {}
+            rows[(fmt, storage)] = (len(blob), default, reference)
+            mem = f"{default['memory_bytes'] / 2**20:.1f}" if "memory_bytes" in default else default.get("error")
+            lat = f"{default['latency_ms']:.3f}" if "latency_ms" in default else "—"
+            ref = f"{reference['latency_ms']:.3f}" if "latency_ms" in reference else "—"
+            print(f"| {fmt} | {storage} | {len(blob) / 1024:.1f} | {mem} | {lat} | {ref} | {_storage_summary(ops)} |",
+                  flush=True)
+    print("\nsparse / dense: size, memory, latency (default delegates)")
+    for fmt in dict.fromkeys(f for f, _ in rows):
+        (s_size, s_def, _), (d_size, d_def, _) = rows[(fmt, "sparse")], rows[(fmt, "dense")]
+        ratios = [f"size {s_size / d_size:.3f}"]
+        for key, label in (("memory_bytes", "memory"), ("latency_ms", "latency")):
+            if key in s_def and key in d_def and d_def[key] > 0:
+                ratios.append(f"{label} {s_def[key] / d_def[key]:.2f}")
+        print(f"  {fmt}: " + ", ".join(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
