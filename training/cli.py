@@ -54,12 +54,13 @@ def is_debris(line):
 
 
 @contextlib.contextmanager
-def native_output(verbose=1, log=None):
+def native_output(verbose=1):
     """Capture what C++ and Python write to file descriptors 1 and 2 inside the block.
 
     TensorFlow's start-up lines come from C++ (absl), below ``sys.stderr``, so only a file-descriptor redirect
-    catches them. On exit the captured text is appended to ``log`` (a path) when given, and shown on stderr:
-    all of it with ``verbose`` ≥ 2, else every line that is not :data:`DEBRIS`.
+    catches them. On exit the captured text is shown on stderr: all of it with ``verbose`` ≥ 2 (what
+    ``training.reproduce`` passes, so its per-run log files keep everything), else every line that is not
+    :data:`DEBRIS`.
     """
     saved, sinks = [], []
     for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
@@ -80,9 +81,6 @@ def native_output(verbose=1, log=None):
             sink.seek(0)
             text += sink.read().decode("utf-8", "replace")
             sink.close()
-        if log is not None and text:
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(text)
         shown = [line for line in text.splitlines() if line.strip() and (verbose >= 2 or not is_debris(line))]
         if shown:
             print("\n".join(shown), file=sys.stderr)
