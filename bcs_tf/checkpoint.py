@@ -26,7 +26,7 @@ LEGACY_WEIGHTS = "weights.weights.h5"
 STATE = "state.json"
 FORMAT = 2  # state.json layout; 1 = the legacy single-file layout
 KEEP = 2
-_REQUIRED = ("epoch", "best", "monitor", "history", "rng")
+_REQUIRED = ("epoch", "rng")  # what every checkpoint has; the training loop adds best, monitor, history
 
 
 def _seed_generators(trainer):
