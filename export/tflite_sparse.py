@@ -181,37 +181,39 @@ def _tensor_array(model, tensor):
     return np.frombuffer(bytes(buf.data), dtype=_DTYPES[tensor.type])
 
 
-def kernel_nonzeros(model_bytes):
-    """Nonzero count of the weights of every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op.
-
-    Weight inputs produced by DENSIFY / DEQUANTIZE chains are followed back to their stored constant.
-    """
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+def _weighted_ops(model):
+    """``(op code, stored weight tensor, codes of the ops between them)`` for every CONV_2D /
+    DEPTHWISE_CONV_2D / FULLY_CONNECTED op; weight inputs produced by DENSIFY / DEQUANTIZE chains are followed
+    back to their stored constant."""
     ops = schema.BuiltinOperator
     weighted = {ops.CONV_2D, ops.DEPTHWISE_CONV_2D, ops.FULLY_CONNECTED}
-    passthrough = {ops.DENSIFY, ops.DEQUANTIZE}
-    total = 0
+
+    def code(op):
+        c = model.operatorCodes[op.opcodeIndex]
+        return max(c.builtinCode, c.deprecatedBuiltinCode)
+
     for sg in model.subgraphs:
-        producer = {}
-        for op in sg.operators:
-            for o in op.outputs:
-                producer[int(o)] = op
-
-        def code(op):
-            c = model.operatorCodes[op.opcodeIndex]
-            return max(c.builtinCode, c.deprecatedBuiltinCode)
-
+        producer = {int(o): op for op in sg.operators for o in op.outputs}
         for op in sg.operators:
             if code(op) not in weighted:
                 continue
-            t_index = int(op.inputs[1])
-            while t_index in producer and code(producer[t_index]) in passthrough:
+            t_index, chain = int(op.inputs[1]), []
+            while t_index in producer and code(producer[t_index]) in (ops.DENSIFY, ops.DEQUANTIZE):
+                chain.append(code(producer[t_index]))
                 t_index = int(producer[t_index].inputs[0])
-            array = _tensor_array(model, sg.tensors[t_index])
-            if array is not None:
-                total += int(np.count_nonzero(array))
-    return total
+            yield code(op), sg.tensors[t_index], chain
 
+
+def kernel_nonzeros(model_bytes):
+    """Nonzero count of the weights of every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op (at their stored
+    constant, behind any DENSIFY / DEQUANTIZE)."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
+    total = 0
+    for _, tensor, _ in _weighted_ops(model):
+        array = _tensor_array(model, tensor)
+        if array is not None:
+            total += int(np.count_nonzero(array))
+    return total
 
 
 def weight_storage(model_bytes):
@@ -219,26 +221,12 @@ def weight_storage(model_bytes):
     when its weight tensor is stored sparse and fed to it directly (the op itself computes sparse), ``"densified"``
     when a DENSIFY op rebuilds the dense weights first (sparse storage, dense compute), ``"dense"`` otherwise."""
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
-    ops = schema.BuiltinOperator
-    names = {v: k for k, v in vars(ops).items() if not k.startswith("_")}
-    weighted = {ops.CONV_2D, ops.DEPTHWISE_CONV_2D, ops.FULLY_CONNECTED}
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     found = []
-    for sg in model.subgraphs:
-        producer = {int(o): op for op in sg.operators for o in op.outputs}
-
-        def code(op):
-            c = model.operatorCodes[op.opcodeIndex]
-            return max(c.builtinCode, c.deprecatedBuiltinCode)
-
-        for op in sg.operators:
-            if code(op) not in weighted:
-                continue
-            t_index, storage = int(op.inputs[1]), "dense"
-            while t_index in producer and code(producer[t_index]) in (ops.DENSIFY, ops.DEQUANTIZE):
-                if code(producer[t_index]) == ops.DENSIFY:
-                    storage = "densified"
-                t_index = int(producer[t_index].inputs[0])
-            if storage == "dense" and sg.tensors[t_index].sparsity is not None:
-                storage = "sparse kernel"
-            found.append((names.get(code(op), str(code(op))), storage))
+    for op_code, tensor, chain in _weighted_ops(model):
+        if schema.BuiltinOperator.DENSIFY in chain:
+            storage = "densified"
+        else:
+            storage = "sparse kernel" if tensor.sparsity is not None else "dense"
+        found.append((names.get(op_code, str(op_code)), storage))
     return found
