@@ -1,7 +1,9 @@
-"""training.reproduce: dependency order, skipping finished runs, resuming a killed one, refusing other settings."""
+"""training.reproduce: dependency order, skipping finished runs, resuming a killed one, going on from committed
+results on a new machine, refusing other settings."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +72,17 @@ def test_reproduce_resumes_a_killed_run_skips_finished_ones_and_refuses_other_se
     log, _ = third.communicate(timeout=300)
     assert third.returncode == 0 and log.count(": done") == 7, log
     assert mtimes == {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
+
+    # a new machine with the committed results but no run directories: only a run whose results are missing is
+    # trained, and the dense run it starts from with it
+    shutil.rmtree(out / "runs" / "at" / "fixed_c0.01_s0")
+    fourth = _reproduce(out, tmp_path / "new-machine-runs")
+    log, _ = fourth.communicate(timeout=600)
+    assert fourth.returncode == 0, log
+    assert "at/dense_s0: train" in log and "at/fixed_c0.01_s0: train" in log and log.count(": collected") == 5, log
+    assert sorted(p.parent.name for p in (tmp_path / "new-machine-runs").rglob("metrics.json")) == \
+        ["dense_s0", "fixed_c0.01_s0"]
+    assert "—" not in (out / "table_bcs.md").read_text().split("| Standard AT (Madry) |")[1]
 
     before = (out / "manifest.json").read_text()
     refused = _reproduce(out, runs, preset="quick")

@@ -3,8 +3,10 @@ needs, in dependency order, each trained, evaluated and collected into tables an
 
 Runs live in ``--runs-dir`` (default ``runs/reproduce/DATASET-PRESET``): a finished run is skipped, a stopped
 one resumed, and the evaluation continues where it stopped. ``--out`` receives ``table_*.md``, the figures,
-each run's ``metrics.json`` / ``eval.json`` and ``manifest.json`` (every run's command, commit and wall time).
-A results directory made with other settings (dataset or preset) is refused.
+each run's ``metrics.json`` / ``eval.json`` and ``manifest.json`` (every run's command, commit and wall time);
+the tables are made from it alone, so a reproduction can go on on another machine from a committed ``--out``
+(runs collected there are not trained again unless a run still to train starts from them). A results
+directory made with other settings (dataset or preset) is refused.
 """
 
 from __future__ import annotations
@@ -104,9 +106,12 @@ class Plan:
         for seed in range(self.seeds):
             for objective in self.p["bcs_objectives"]:
                 dense = self.run(objective, "dense", 1.0, seed)
+                # the runs that start from the dense one right after it: a reproduction spread over machines
+                # whose run directories are not kept then rarely has to train a source run again
+                for c in (0.1, 0.01):
+                    self.run(objective, "fixed", c, seed, source=dense)
                 for c in (0.1, 0.01):
                     self.run(objective, "random", c, seed)
-                    self.run(objective, "fixed", c, seed, source=dense)
                     self.run(objective, "bcs", c, seed)
 
     def hydra_table(self):
@@ -224,22 +229,51 @@ class Manifest:
         os.replace(tmp, self.path)
 
 
+def _states(specs, runs_dir, out, manifest):
+    """What each run still needs: ``done``, ``collected`` (its results are in ``out`` but its run directory is
+    not here, e.g. on a new machine), ``evaluate``, ``resume`` or ``train``.
+
+    A collected run is trained again only when a run still to be trained starts from it (``--from`` needs the
+    model itself, not its results)."""
+    states = {}
+    for spec in specs:
+        run_dir = runs_dir / spec.id
+        if (run_dir / "metrics.json").is_file():
+            states[spec.id] = "done" if _attacks_done(run_dir, spec.attacks) else "evaluate"
+        elif (manifest.data["runs"].get(spec.id, {}).get("status") == "finished"
+              and (out / "runs" / spec.id / "metrics.json").is_file()
+              and _attacks_done(out / "runs" / spec.id, spec.attacks)):
+            states[spec.id] = "collected"
+        else:
+            states[spec.id] = "resume" if (run_dir / "config.json").is_file() else "train"
+    for spec in reversed(specs):  # sources come before the runs that start from them
+        if states[spec.id] in ("resume", "train"):
+            for dep in spec.deps:
+                if states[dep] == "collected":
+                    states[dep] = "train"
+    return states
+
+
 def execute(the_plan, runs_dir, out, manifest, dry_run=False):
     """Train and evaluate every planned run that is not done; returns the ids that failed."""
     specs = list(the_plan.runs.values())
+    states = _states(specs, runs_dir, out, manifest)
     n = len(specs)
     total_cost = sum(s.cost for s in specs)
-    done_cost, seconds, measured_cost, failed = 0.0, 0.0, 0.0, []
+    # the seconds per AT-epoch unit measured by earlier invocations seed the ETA
+    earlier = [s for s in specs if manifest.data["runs"].get(s.id, {}).get("status") == "finished"]
+    seconds = sum(manifest.data["runs"][s.id].get("wall_seconds", 0.0) + manifest.data["runs"][s.id].get(
+        "eval_seconds", 0.0) for s in earlier)
+    measured_cost = sum(s.cost for s in earlier) if seconds else 0.0
+    done_cost, failed = 0.0, []
     for i, spec in enumerate(specs, start=1):
-        run_dir = runs_dir / spec.id
-        rate = seconds / measured_cost if measured_cost else 45.0  # seconds per AT-epoch unit
+        run_dir, state = runs_dir / spec.id, states[spec.id]
+        rate = seconds / measured_cost if measured_cost else 45.0
         eta = (total_cost - done_cost) * rate
-        finished = (run_dir / "metrics.json").is_file()
-        evaluated = _attacks_done(run_dir, spec.attacks)
-        state = "done" if finished and evaluated else "evaluate" if finished else \
-            "resume" if (run_dir / "config.json").is_file() else "train"
         print(f"[{i}/{n}] {spec.id}: {state}  (ETA of the rest ≈ {eta / 60:.0f} min)", flush=True)
         done_cost += spec.cost
+        if state == "collected":
+            continue
         train_cmd = train_command(spec, runs_dir)
         if state in ("resume", "train"):
             if any(dep in failed for dep in spec.deps):
@@ -262,8 +296,10 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
             seconds, measured_cost = seconds + wall, measured_cost + spec.cost
         if dry_run:
             continue
-        if not evaluated:
+        if state != "done":
+            t0 = time.time()
             result = _call(eval_command(spec, runs_dir, the_plan.p["eval_examples"]), runs_dir / f"{spec.id}.log")
+            manifest.record(spec.id, eval_seconds=time.time() - t0)
             if result.returncode not in (0, 3):  # 3 = order-check warning, reported in eval.json
                 print(f"    evaluation failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
                 failed.append(spec.id)
@@ -330,7 +366,7 @@ def main(argv=None):
         return 0
     from training.tables import write_tables
 
-    written = write_tables(tables, the_plan, out, runs_dir)
+    written = write_tables(tables, the_plan, out)
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(),
          "wall_seconds": time.time() - t0, "failed": failed})

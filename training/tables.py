@@ -180,9 +180,10 @@ def connectivity_figure(results, path):
     return None
 
 
-def write_tables(tables, the_plan, out, runs_dir):
-    """Write the tables (and figures) of ``tables`` into ``out``; returns the paths written."""
-    results = Results(the_plan, runs_dir)
+def write_tables(tables, the_plan, out):
+    """Write the tables (and figures) of ``tables`` into ``out`` from the runs collected in ``out/runs``;
+    returns the paths written."""
+    results = Results(the_plan, out / "runs")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in tables:
