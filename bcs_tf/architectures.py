@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from bcs_tf.factory import batch_norm, bn_relu, conv_bn_relu
+from bcs_tf.factory import batch_norm, bn_relu, conv_bn_relu, gated_bn_relu
 
 
 def small_cnn(f, input_shape=(28, 28, 1), num_classes=10, width=1):
@@ -23,7 +23,7 @@ def small_cnn(f, input_shape=(28, 28, 1), num_classes=10, width=1):
     x = conv_bn_relu(f, x, 32 * width, 2, "block2", tag="second")
     x = conv_bn_relu(f, x, 64 * width, 2, "block3")
     x = keras.layers.Flatten(name="flatten")(x)
-    x = bn_relu(f.dense(128 * width, name="fc1")(x), "fc1")
+    x = gated_bn_relu(f, f.dense(128 * width, name="fc1")(x), "fc1")
     outputs = f.dense(num_classes, name="logits", tag="output")(x)
     return keras.Model(inputs, outputs, name="small_cnn" if width == 1 else f"small_cnn_x{width}")
 
@@ -41,8 +41,8 @@ def vgg16(f, input_shape=(32, 32, 3), num_classes=10):
         tag = "first" if conv_id <= 2 else "second" if conv_id <= 4 else "middle"
         x = conv_bn_relu(f, x, item, 1, f"conv{conv_id}", tag=tag)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.ReLU(name="fc1_relu")(f.dense(256, name="fc1")(x))
-    x = keras.layers.ReLU(name="fc2_relu")(f.dense(256, name="fc2")(x))
+    x = keras.layers.ReLU(name="fc1_relu")(f.gate(f.dense(256, name="fc1")(x), "fc1"))
+    x = keras.layers.ReLU(name="fc2_relu")(f.gate(f.dense(256, name="fc2")(x), "fc2"))
     outputs = f.dense(num_classes, name="logits", tag="output")(x)
     return keras.Model(inputs, outputs, name="vgg16")
 
@@ -97,6 +97,29 @@ def wide_resnet(f, depth=28, width=10, input_shape=(32, 32, 3), num_classes=10):
     x = keras.layers.GlobalAveragePooling2D(name="pool")(bn_relu(x, "final"))
     outputs = f.dense(num_classes, name="logits", tag="output")(x)
     return keras.Model(inputs, outputs, name=f"wrn{depth}_{width}")
+
+
+def mobilenet(f, input_shape=(28, 28, 1), num_classes=10, width=1):
+    """MobileNet-v1 style for small images: a 3×3 stride-2 stem, five depthwise-3×3 + pointwise-1×1 blocks
+    (32w…128w channels, two more stride-2 steps), global average pooling and a dense head.
+
+    Its shape is what XNNPACK's sparse inference looks for (stem conv 3×3/2, 1×1 convolutions, a spatial mean at
+    the end): the 1×1 kernels trained sparse run on its sparse kernels after export. The depthwise kernels
+    (9 weights per channel) stay dense. At channel granularity a layer's channels are gated after the
+    depthwise convolution that follows it (its BatchNorm would turn a zero channel into a constant).
+    """
+    inputs = keras.Input(input_shape, name="image")
+    x = bn_relu(f.conv(16 * width, 3, strides=2, name="stem_conv", tag="first")(inputs), "stem")
+    tag, blocks = "first", ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
+    for i, (filters, strides) in enumerate(blocks, start=1):
+        x = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False, name=f"dw{i}_conv")(x)
+        x = gated_bn_relu(f, x, f"dw{i}", tag)  # gates the channels of the layer before it
+        tag = "second" if i == 1 else "middle"
+        x = f.conv(filters * width, 1, name=f"pw{i}_conv", tag=tag)(x)
+        x = gated_bn_relu(f, x, f"pw{i}", tag) if i == len(blocks) else bn_relu(x, f"pw{i}")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = f.dense(num_classes, name="logits", tag="output")(x)
+    return keras.Model(inputs, outputs, name="mobilenet" if width == 1 else f"mobilenet_x{width}")
 
 
 def authors_profile(second):

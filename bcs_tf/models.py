@@ -31,6 +31,7 @@ class ModelSpec:
     profile: typing.Callable  # c -> {tag: initial fraction}
     family: str  # models of one family differ only in width (inverse weights inheritance maps between them)
     width: int = 1
+    chain: bool = True  # no residual additions: channel granularity can cut channels out of every layer
 
 
 def _small_cnn(width):
@@ -40,7 +41,7 @@ def _small_cnn(width):
 
 def _wrn(width):
     return ModelSpec(functools.partial(arch.wide_resnet, depth=28, width=width), (32, 32, 3),
-                     arch.authors_profile(0.1), "wrn28", width)
+                     arch.authors_profile(0.1), "wrn28", width, chain=False)
 
 
 MODELS = {
@@ -48,7 +49,8 @@ MODELS = {
     "small_cnn_x2": _small_cnn(2),
     "small_cnn_x4": _small_cnn(4),
     "vgg16": ModelSpec(arch.vgg16, (32, 32, 3), arch.authors_profile(0.2), "vgg16"),
-    "resnet18": ModelSpec(arch.resnet18, (32, 32, 3), arch.authors_profile(0.2), "resnet18"),
+    "resnet18": ModelSpec(arch.resnet18, (32, 32, 3), arch.authors_profile(0.2), "resnet18", chain=False),
+    "mobilenet": ModelSpec(arch.mobilenet, (28, 28, 1), arch.authors_profile(0.2), "mobilenet"),
     "wrn28_2": _wrn(2),
     "wrn28_4": _wrn(4),
     "wrn28_10": _wrn(10),
@@ -78,12 +80,14 @@ def precision_policy(precision):
 
 
 def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="global", seed=0,
-                input_shape=None, num_classes=10, precision="float32"):
+                input_shape=None, num_classes=10, precision="float32", granularity="weight", block_size=4):
     """Build model ``name`` for ``method``; returns ``(model, allocation)`` (allocation is None when dense).
 
     ``method="dense"`` or ``connectivity=1`` gives standard Keras layers; otherwise every conv and dense
-    kernel is a sparse layer and the exact budget is set (see :func:`bcs_tf.connectivity.allocate_budget`).
-    ``precision`` is the compute dtype policy (see :func:`precision_policy`); the model outputs float32 logits.
+    kernel is a sparse layer and the exact budget is set (see :func:`bcs_tf.connectivity.allocate_budget`),
+    counted in ``granularity`` units (weights, ``block_size`` blocks of dense layers, or channels; see
+    :class:`~bcs_tf.factory.LayerFactory`). ``precision`` is the compute dtype policy (see
+    :func:`precision_policy`); the model outputs float32 logits.
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model; choose one of {sorted(MODELS)}. Received: model={name!r}")
@@ -96,8 +100,11 @@ def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="globa
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ConfigError(f"input shape must be (height, width, channels). Received: input_shape={input_shape}")
     sparse = method != "dense" and connectivity < 1.0
+    if sparse and granularity == "channel" and not spec.chain:
+        raise ConfigError(f"channel granularity needs a network without residual additions (one of "
+                          f"{sorted(n for n, m in MODELS.items() if m.chain)}). Received: model={name!r}")
     keras.utils.set_random_seed(seed)
-    factory = LayerFactory(sparse, connectivity, seed)
+    factory = LayerFactory(sparse, connectivity, seed, granularity=granularity, block_size=block_size)
     try:
         with precision_policy(precision):
             model = spec.builder(factory, input_shape=input_shape, num_classes=num_classes)

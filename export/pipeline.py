@@ -18,7 +18,7 @@ from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.layers import sparse_layers
 from export import onnx_export, tflite, tflite_sparse, verify
 from export.options import default_out
-from export.strip import kernel_nonzeros, strip_model
+from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
 from training.cli import native_output
 from training.config import load_finished_run
 
@@ -58,7 +58,7 @@ def _keras_loads_without_project(data):
         return res.returncode == 0, res.stderr.strip().splitlines()[-1:] if res.returncode else []
 
 
-def build_export(plain, fmt, quantize, args, data_train, sample, budget):
+def build_export(plain, fmt, quantize, args, data_train, sample, sparse):
     """Serialized bytes, a runtime callable (batch → logits), the number format and conversion info."""
     info = {"warnings": []}
     if fmt == "keras":
@@ -74,7 +74,7 @@ def build_export(plain, fmt, quantize, args, data_train, sample, budget):
     if fmt == "tflite":
         calib = data_train[: args.calibration_examples]
         with native_output(args.verbose):  # the converter's and the interpreter's debris stay off the terminal
-            data, info = tflite.export_tflite(plain, quantize, calib, sample, sparse=budget is not None,
+            data, info = tflite.export_tflite(plain, quantize, calib, sample, sparse=sparse,
                                               int8_weights=args.int8_weights)
             resolver = "default" if info["loads"]["default"] == "ok" else "reference"
             it = tflite.interpreter(data, resolver)
@@ -100,6 +100,8 @@ def export(args):
         raise ConfigError(f"--out: {out} exists; pass --overwrite to replace it")
     model, cfg, budget = load_run(args.run_dir)
     plain = strip_model(model)
+    # the nonzero weights the active connections carry (None: a channel-granular network, compacted dense)
+    expected = expected_nonzeros(model) if budget is not None else None
     data_set = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
     n = min(DEFAULT_EXAMPLES, len(data_set.x_test)) if args.n_examples is None else args.n_examples
     if n > len(data_set.x_test):
@@ -107,7 +109,7 @@ def export(args):
                           f"Received: {n}")
     x, y = data_set.x_test[:n], data_set.y_test[:n]
     data, runtime, number_format, info, exported_nnz = build_export(
-        plain, args.format, args.quantize, args, data_set.x_train, x[:1], budget)
+        plain, args.format, args.quantize, args, data_set.x_train, x[:1], expected is not None)
     keras_nnz = sum(kernel_nonzeros(plain).values())
     exported_nnz = keras_nnz if exported_nnz is None else exported_nnz
 
@@ -117,16 +119,18 @@ def export(args):
     report = {
         "file": str(out), "format": args.format, "quantize": args.quantize, "number_format": number_format,
         "run_dir": str(args.run_dir), "parity": par,
-        "nonzeros": {"budget": budget, "keras_stripped": keras_nnz, "exported": exported_nnz},
+        "nonzeros": {"budget": budget, "granularity": cfg.granularity, "expected": expected,
+                     "keras_stripped": keras_nnz, "exported": exported_nnz},
         "size": verify.size_report(data, keras_nnz, verify.dense_parameter_count(plain), number_format),
         **info,
     }
-    if budget is not None and keras_nnz != budget:
-        raise CheckpointError(f"stripped model has {keras_nnz} nonzero weights, budget is {budget}; refusing")
+    if expected is not None and keras_nnz != expected:
+        raise CheckpointError(f"stripped model has {keras_nnz} nonzero weights, its {budget} connections carry "
+                              f"{expected}; refusing")
     # float32 must keep every connection; narrower formats may round the tiniest weights (θ = 1e-12 for
     # freshly re-activated entries) to zero, which is reported below.
-    if number_format == "float32" and budget is not None and exported_nnz != budget:
-        raise CheckpointError(f"exported file has {exported_nnz} nonzero weights, budget is {budget}; refusing")
+    if number_format == "float32" and expected is not None and exported_nnz != expected:
+        raise CheckpointError(f"exported file has {exported_nnz} nonzero weights, expected {expected}; refusing")
     if exported_nnz < keras_nnz:
         report["nonzeros"]["rounded_to_zero_by_quantization"] = keras_nnz - exported_nnz
     if not par["ok"]:

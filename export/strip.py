@@ -11,7 +11,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from bcs_tf.layers import SparseConv2D, SparseDense, SparseKernelMixin
+from bcs_tf.layers import SparseConv2D, SparseDense, SparseKernelMixin, sparse_layers
+from export.compact import compact_channels, has_channel_gates
 
 
 def _plain_layer(layer):
@@ -24,7 +25,10 @@ def _plain_layer(layer):
 
 
 def strip_model(net):
-    """Return a copy of ``net`` with every sparse layer replaced by its standard Keras counterpart."""
+    """Return a copy of ``net`` with every sparse layer replaced by its standard Keras counterpart (a
+    channel-granular network: the narrower network it compacts into)."""
+    if has_channel_gates(net):
+        return compact_channels(net)
     plain = keras.models.clone_model(net, clone_function=_plain_layer)
     for src in net.layers:
         dst = plain.get_layer(src.name)
@@ -40,3 +44,11 @@ def kernel_nonzeros(model):
     """Nonzero count of every Conv2D / Dense kernel of a (stripped) model, by layer name."""
     return {layer.name: int(np.count_nonzero(np.asarray(layer.kernel)))
             for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))}
+
+
+def expected_nonzeros(net):
+    """Nonzero kernel weights the stripped ``net`` must have: every active connection's weights (a block's
+    all of them); None for a channel-granular network, whose compaction keeps only active channels."""
+    if has_channel_gates(net):
+        return None
+    return sum(layer.active_count() * layer.group_size for layer in sparse_layers(net))

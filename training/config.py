@@ -17,7 +17,9 @@ from training.cli import FlagError
 AUTHORS_NOISE_SIGMA = 1e-6
 # The names of the library's registries (tests/test_cli.py checks they match bcs_tf's, which need TensorFlow).
 OBJECTIVE_NAMES = ("natural", "at", "mat", "trades", "mart", "rst")
-MODEL_NAMES = ("small_cnn", "small_cnn_x2", "small_cnn_x4", "vgg16", "resnet18", "wrn28_2", "wrn28_4", "wrn28_10")
+MODEL_NAMES = ("small_cnn", "small_cnn_x2", "small_cnn_x4", "vgg16", "resnet18", "wrn28_2", "wrn28_4", "wrn28_10",
+               "mobilenet")
+GRANULARITY_NAMES = ("weight", "block", "channel")
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "synthetic")
 PRECISION_NAMES = ("float32", "mixed_bfloat16", "mixed_float16")
 BUDGET_MODES = ("global", "layer")
@@ -68,6 +70,11 @@ class RunConfig:
                                           "one) or iwi inherits from (a small sparse one)", metavar="RUN_DIR")
     connectivity: float = flag(0.01, "sparsity", "fraction of active kernel entries, in (0, 1]; 1 = dense, "
                                "0.01 = 99%% sparsity", metavar="C")
+    granularity: str = flag("weight", "sparsity", "what one connection is: a weight; a 1×B block of a dense "
+                            "layer's inputs (LiteRT's sparse FC kernels; convolutions keep weights); or a whole "
+                            "channel/unit (export compacts the network)", GRANULARITY_NAMES)
+    block_size: int = flag(4, "sparsity", "B of --granularity block: 4 for LiteRT's float32 sparse FC kernel, 16 "
+                           "for its int8 one")
     budget: str = flag("global", "sparsity", "one budget int(C·Σ sizes) over all layers (authors), or round(C·n) "
                        "per layer", BUDGET_MODES)
     temperature: typing.Optional[float] = flag(None, "sparsity", "Langevin temperature T: noise sqrt(2·lr·T)·N(0,1) "
@@ -173,6 +180,10 @@ class RunConfig:
             bad("connectivity", f"--method {self.method} prunes, so it must be < 1")
         if self.method == "iwi" and self.connectivity != 1.0:
             bad("connectivity", "--method iwi trains the large network dense, so it must be 1")
+        if self.granularity != "weight" and self.method not in ("bcs", "random", "dense"):
+            bad("granularity", f"is not built for --method {self.method} yet (bcs and random have it)")
+        if self.block_size < 2:
+            bad("block_size", "must be ≥ 2 (1 is --granularity weight)")
         if self.reinit and self.method != "lottery":
             bad("reinit", "is the control of --method lottery and used only by it")
         for flag in ("rewind_epoch",):

@@ -53,7 +53,8 @@ class Context:
         cfg = self.cfg
         return build_model(cfg.model, kind, cfg.connectivity if connectivity is None else connectivity,
                            cfg.budget, cfg.seed if seed is None else seed, self.data.input_shape,
-                           self.data.num_classes, precision=precision or cfg.precision)
+                           self.data.num_classes, precision=precision or cfg.precision,
+                           granularity=cfg.granularity, block_size=cfg.block_size)
 
     def source_model(self):
         """The ``--from`` run's selected network."""
