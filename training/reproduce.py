@@ -254,6 +254,12 @@ def _states(specs, runs_dir, out, manifest):
     return states
 
 
+def run_seconds(entry):
+    """A manifest entry's cost: its training processes (or, for entries older than that record, the final
+    process's wall time) and its evaluation."""
+    return entry.get("process_seconds", entry.get("wall_seconds", 0.0)) + entry.get("eval_seconds", 0.0)
+
+
 def execute(the_plan, runs_dir, out, manifest, dry_run=False):
     """Train and evaluate every planned run that is not done; returns the ids that failed."""
     specs = list(the_plan.runs.values())
@@ -262,8 +268,7 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
     total_cost = sum(s.cost for s in specs)
     # the seconds per AT-epoch unit measured by earlier invocations seed the ETA
     earlier = [s for s in specs if manifest.data["runs"].get(s.id, {}).get("status") == "finished"]
-    seconds = sum(manifest.data["runs"][s.id].get("wall_seconds", 0.0) + manifest.data["runs"][s.id].get(
-        "eval_seconds", 0.0) for s in earlier)
+    seconds = sum(run_seconds(manifest.data["runs"][s.id]) for s in earlier)
     measured_cost = sum(s.cost for s in earlier) if seconds else 0.0
     done_cost, failed = 0.0, []
     for i, spec in enumerate(specs, start=1):
@@ -288,6 +293,9 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
             t0 = time.time()
             result = _call(cmd, runs_dir / f"{spec.id}.log")
             wall = time.time() - t0
+            # every training process of the run, a stopped one included: what the run cost on this machine
+            spent = manifest.data["runs"][spec.id].get("process_seconds", 0.0)
+            manifest.record(spec.id, process_seconds=spent + wall)
             if result.returncode != 0:
                 print(f"    training failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
                 failed.append(spec.id)
@@ -367,10 +375,14 @@ def main(argv=None):
     from training.tables import write_tables
 
     written = write_tables(tables, the_plan, out)
+    finished = [entry for entry in manifest.data["runs"].values() if entry.get("status") == "finished"]
+    manifest.data["measured"] = {"finished_runs": len(finished),
+                                 "seconds": round(sum(run_seconds(entry) for entry in finished), 1)}
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(),
          "wall_seconds": time.time() - t0, "failed": failed})
     manifest.save()
+    print(f"{len(finished)} finished runs took {manifest.data['measured']['seconds'] / 3600:.2f} h here in all")
     print(f"wrote {', '.join(str(w) for w in written)}; {len(failed)} run(s) failed" if failed else
           f"wrote {', '.join(str(w) for w in written)}")
     return 1 if failed else 0
