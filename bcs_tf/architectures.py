@@ -103,19 +103,28 @@ def mobilenet(f, input_shape=(28, 28, 1), num_classes=10, width=1):
     """MobileNet-v1 style for small images: a 3×3 stride-2 stem, five depthwise-3×3 + pointwise-1×1 blocks
     (32w…128w channels, two more stride-2 steps), global average pooling and a dense head.
 
-    Its shape is what XNNPACK's sparse inference looks for (stem conv 3×3/2, 1×1 convolutions, a spatial mean at
-    the end): the 1×1 kernels trained sparse run on its sparse kernels after export. The depthwise kernels
-    (9 weights per channel) stay dense. At channel granularity a layer's channels are gated after the
-    depthwise convolution that follows it (its BatchNorm would turn a zero channel into a constant).
+    Built to XNNPACK's sparse-inference rules (its README in TensorFlow): the stem sees 3 channels (a grey
+    image is repeated), stride-2 layers pad explicitly by 1 on each side (TensorFlow's SAME pads 0/1 there),
+    1×1 convolutions have no padding and the network ends in a spatial mean; its 1×1 kernels trained sparse
+    then run on XNNPACK's sparse kernels after export. The depthwise kernels (9 weights per channel) stay
+    dense. At channel granularity a layer's channels are gated after the depthwise convolution that follows
+    it (that depthwise layer's BatchNorm would turn a zero channel into a constant).
     """
     inputs = keras.Input(input_shape, name="image")
-    x = bn_relu(f.conv(16 * width, 3, strides=2, name="stem_conv", tag="first")(inputs), "stem")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
+    x = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
+    x = bn_relu(f.conv(16 * width, 3, strides=2, name="stem_conv", tag="first", padding="valid")(x), "stem")
     tag, blocks = "first", ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
     for i, (filters, strides) in enumerate(blocks, start=1):
-        x = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False, name=f"dw{i}_conv")(x)
+        if strides == 2:
+            x = keras.layers.ZeroPadding2D(1, name=f"dw{i}_pad")(x)
+        x = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same" if strides == 1 else "valid",
+                                         use_bias=False, name=f"dw{i}_conv")(x)
         x = gated_bn_relu(f, x, f"dw{i}", tag)  # gates the channels of the layer before it
         tag = "second" if i == 1 else "middle"
-        x = f.conv(filters * width, 1, name=f"pw{i}_conv", tag=tag)(x)
+        x = f.conv(filters * width, 1, name=f"pw{i}_conv", tag=tag, padding="valid")(x)
         x = gated_bn_relu(f, x, f"pw{i}", tag) if i == len(blocks) else bn_relu(x, f"pw{i}")
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = f.dense(num_classes, name="logits", tag="output")(x)

@@ -7,7 +7,9 @@ resident memory added by creating the interpreter and ``allocate_tensors`` (Lite
 (onnxruntime, 1 thread), and the median single-example latency, for LiteRT under the default delegates (XNNPACK)
 and under the reference kernels. The table also lists how every weighted op gets its weights: ``sparse kernel``
 (stored sparse, computed sparse), ``densified`` (a DENSIFY op rebuilds dense weights at load: smaller file, dense
-compute) or ``dense``. Ratios are sparse / dense, measured in one run.
+compute) or ``dense``. Ratios are sparse / dense, measured in one run. A channel-granular run is measured as its
+compacted network against the full-width network it was cut from. The last lines say whether XNNPACK's sparse
+inference would take each sparse file (export/xnnpack_sparse.py) and whether this CPU lets it.
 
     python -m bench.device RUN_DIR [--quantize none,int8] [--repeats 300]
 """
@@ -91,27 +93,36 @@ def probe(path, kind, resolver, repeats):
 
 
 def files(run_dir, quantizes, onnx):
-    """``{(format, storage): (kind, bytes, weight storage)}`` for the run's model."""
+    """``{(format, storage): (kind, bytes, weight storage)}`` for the run's model and its twin; the storages
+    are ("sparse", "dense"), or for a channel-granular run ("compact", "full width")."""
     from bcs_tf.data import load_dataset
     from export import onnx_export, tflite, tflite_sparse
+    from export.compact import compact_channels, has_channel_gates
     from export.strip import strip_model
     from training.config import load_finished_run
 
     cfg, model = load_finished_run(run_dir)
-    plain = strip_model(model)
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
+    if has_channel_gates(model):  # the compacted network against the full-width one it was cut from
+        twins = {"compact": (strip_model(model), False),
+                 "full width": (compact_channels(model, keep_all=True), False)}
+    else:
+        plain = strip_model(model)
+        twins = {"sparse": (plain, True), "dense": (plain, False)}
     out = {}
     for q in quantizes:
-        for storage in ("sparse", "dense"):
+        for storage, (net, sparse) in twins.items():
             with cli.native_output(0):
-                blob, _ = tflite.convert(plain, q, storage == "sparse", data.x_train[:200])
+                blob, _ = tflite.convert(net, q, sparse, data.x_train[:200])
             out[(f"tflite {q}", storage)] = ("tflite", blob, tflite_sparse.weight_storage(blob))
     if onnx:
-        with cli.native_output(0):
-            proto = onnx_export.to_onnx(plain)
-        out[("onnx", "dense")] = ("onnx", proto.SerializeToString(), [])  # before sparsify, which edits in place
-        sparse, moved = onnx_export.sparsify(proto)
-        out[("onnx", "sparse")] = ("onnx", sparse.SerializeToString(), [("initializers", f"{moved} sparse")])
+        for storage, (net, sparse) in twins.items():
+            with cli.native_output(0):
+                proto = onnx_export.to_onnx(net)
+            moved = 0
+            if sparse:
+                proto, moved = onnx_export.sparsify(proto)
+            out[("onnx", storage)] = ("onnx", proto.SerializeToString(), [("initializers", f"{moved} sparse")])
     return out
 
 
@@ -149,15 +160,34 @@ def main(argv=None):
             ref = f"{reference['latency_ms']:.3f}" if "latency_ms" in reference else "—"
             print(f"| {fmt} | {storage} | {len(blob) / 1024:.1f} | {mem} | {lat} | {ref} | {_storage_summary(ops)} |",
                   flush=True)
-    print("\nsparse / dense: size, memory, latency (default delegates)")
+    first, second = dict.fromkeys(storage for _, storage in rows)
+    print(f"\n{first} / {second}: size, memory, latency (default delegates)")
     for fmt in dict.fromkeys(f for f, _ in rows):
-        (s_size, s_def, _), (d_size, d_def, _) = rows[(fmt, "sparse")], rows[(fmt, "dense")]
+        (s_size, s_def, _), (d_size, d_def, _) = rows[(fmt, first)], rows[(fmt, second)]
         ratios = [f"size {s_size / d_size:.3f}"]
         for key, label in (("memory_bytes", "memory"), ("latency_ms", "latency")):
             if key in s_def and key in d_def and d_def[key] > 0:
                 ratios.append(f"{label} {s_def[key] / d_def[key]:.2f}")
         print(f"  {fmt}: " + ", ".join(ratios))
+    _xnnpack_report(built)
     return 0
+
+
+def _xnnpack_report(built):
+    """Whether XNNPACK's sparse inference would take each sparse-stored LiteRT file, and whether this CPU lets it."""
+    from export.xnnpack_sparse import check, cpu_runs_sparse_inference
+
+    cpu = cpu_runs_sparse_inference()
+    sparse = {fmt: blob for (fmt, storage), (kind, blob, _) in built.items() if kind == "tflite" and storage == "sparse"}
+    if sparse:
+        print("\nXNNPACK sparse inference (1×1 convolutions computed sparse; see export/xnnpack_sparse.py):")
+    for fmt, blob in sparse.items():
+        verdict = check(blob)
+        if verdict["eligible"]:
+            where = "runs sparse on this CPU" if cpu else "not on this CPU: XNNPACK turns it off on x86 with AVX"
+            print(f"  {fmt}: eligible ({verdict['zero_fraction_1x1']:.0%} of 1×1 weights zero); {where}")
+        else:
+            print(f"  {fmt}: not eligible: {verdict['reasons'][0]}")
 
 
 if __name__ == "__main__":

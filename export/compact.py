@@ -21,7 +21,7 @@ PRODUCERS = (keras.layers.Conv2D, keras.layers.Dense)
 CHANNELWISE = (keras.layers.BatchNormalization, keras.layers.DepthwiseConv2D)
 PASS_THROUGH = (keras.layers.ReLU, keras.layers.Activation, keras.layers.MaxPooling2D,
                 keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D, keras.layers.Dropout,
-                keras.layers.Identity)
+                keras.layers.Identity, keras.layers.ZeroPadding2D)
 
 
 def has_channel_gates(net):
@@ -33,15 +33,18 @@ def _chain(net):
     layers = [layer for layer in net.layers if not isinstance(layer, keras.layers.InputLayer)]
     previous = net.inputs[0]
     for layer in layers:
-        if isinstance(layer.input, (list, tuple)) or layer.input is not previous:
+        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        if any(x is not previous for x in inputs):
             raise ConfigError(f"channel compaction needs a chain network; layer {layer.name!r} of {net.name} "
                               "does not take the previous layer's output alone")
         previous = layer.output
     return layers
 
 
-def plan(net):
-    """``{layer name: (input channels kept, output channels kept, gate factors folded in)}`` (None = all)."""
+def plan(net, keep_all=False):
+    """``{layer name: (input channels kept, output channels kept, gate factors folded in)}`` (None = all).
+
+    ``keep_all`` keeps dormant channels too (their gate factor 0 is folded in): the full-width twin."""
     entries, kept, producer, since = {}, None, None, []
     for layer in _chain(net):
         if isinstance(layer, PRODUCERS):
@@ -51,7 +54,7 @@ def plan(net):
             if producer is None:
                 raise ConfigError(f"gate {layer.name!r} has no layer before it whose channels it gates")
             factor = keras.ops.convert_to_numpy(layer.kernel).astype(np.float32)
-            alive = np.flatnonzero(factor != 0)
+            alive = np.arange(len(factor)) if keep_all else np.flatnonzero(factor != 0)
             if not len(alive):
                 raise ConfigError(f"gate {layer.name!r} has no active channel: the network's output is constant")
             entries[producer][1] = alive
@@ -66,6 +69,8 @@ def plan(net):
             entries[layer.name] = [kept, kept, None]
             if producer is not None:
                 since.append(layer.name)
+        elif isinstance(layer, keras.layers.Concatenate) and kept is None:  # copies of one tensor (grey → RGB)
+            pass
         elif isinstance(layer, keras.layers.Flatten):
             if kept is not None:
                 channels = int(layer.input.shape[-1])
@@ -115,9 +120,10 @@ def _weights(layer, entry):
     return [kernel] + rest
 
 
-def compact_channels(net):
-    """The narrower plain Keras network equal to channel-granular ``net`` (see the module docstring)."""
-    entries = plan(net)
+def compact_channels(net, keep_all=False):
+    """The narrower plain Keras network equal to channel-granular ``net`` (see the module docstring); with
+    ``keep_all``, the plain network of full width (dormant channels computed, then multiplied by 0)."""
+    entries = plan(net, keep_all)
     plain = keras.models.clone_model(net, clone_function=_narrow_layer(entries))
     for src in net.layers:
         dst = plain.get_layer(src.name)

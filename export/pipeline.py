@@ -16,7 +16,7 @@ from bcs_tf.connectivity import allocate_budget, connectivity_report
 from bcs_tf.data import load_dataset
 from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.layers import sparse_layers
-from export import onnx_export, tflite, tflite_sparse, verify
+from export import onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
 from export.options import default_out
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
 from training.cli import native_output
@@ -79,6 +79,8 @@ def build_export(plain, fmt, quantize, args, data_train, sample, sparse):
             resolver = "default" if info["loads"]["default"] == "ok" else "reference"
             it = tflite.interpreter(data, resolver)
         info.setdefault("warnings", [])
+        info["xnnpack_sparse_inference"] = {**xnnpack_sparse.check(data),
+                                            "this_cpu_allows_it": xnnpack_sparse.cpu_runs_sparse_inference()}
         number_format = {"none": "float32"}.get(quantize, quantize)
         info["runtime"] = f"ai-edge-litert ({resolver} kernels)"
         return data, lambda x: tflite.run(it, x), number_format, info, tflite_sparse.kernel_nonzeros(data)

@@ -40,15 +40,20 @@ def strip_model(net):
     return plain
 
 
+WEIGHTED = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
 def kernel_nonzeros(model):
-    """Nonzero count of every Conv2D / Dense kernel of a (stripped) model, by layer name."""
+    """Nonzero count of every Conv2D / DepthwiseConv2D / Dense kernel of a (stripped) model, by layer name."""
     return {layer.name: int(np.count_nonzero(np.asarray(layer.kernel)))
-            for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense))}
+            for layer in model.layers if isinstance(layer, WEIGHTED)}
 
 
 def expected_nonzeros(net):
     """Nonzero kernel weights the stripped ``net`` must have: every active connection's weights (a block's
-    all of them); None for a channel-granular network, whose compaction keeps only active channels."""
+    all of them) and the kernels of its unpruned layers; None for a channel-granular network, whose compaction
+    keeps only active channels."""
     if has_channel_gates(net):
         return None
-    return sum(layer.active_count() * layer.group_size for layer in sparse_layers(net))
+    unpruned = sum(kernel_nonzeros(net).values())  # layers that are never sparse, e.g. depthwise kernels
+    return unpruned + sum(layer.active_count() * layer.group_size for layer in sparse_layers(net))

@@ -158,3 +158,40 @@ def test_granularity_is_refused_where_it_is_not_built(tmp_path, capsys):
                        "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "--granularity" in err and not (tmp_path / "x").exists()
+
+
+def test_full_width_twin_of_a_channel_network_keeps_every_channel_and_the_outputs():
+    from export.compact import compact_channels
+
+    net, _ = build_model("small_cnn", "bcs", 0.3, granularity="channel")
+    full = compact_channels(net, keep_all=True)
+    assert [layer.output.shape[-1] for layer in full.layers if layer.name.endswith("_conv")] == [16, 32, 64]
+    x = np.random.default_rng(2).uniform(size=(4, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(np.asarray(full(x)), np.asarray(net(x)), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_mobilenet_export_is_eligible_for_xnnpack_sparse_inference_and_small_cnn_is_not():
+    from export.tflite import convert
+    from export.xnnpack_sparse import check
+
+    mobile, _ = build_model("mobilenet", "bcs", 0.1)
+    sparse, _ = convert(strip_model(mobile), "none", sparse=True)
+    verdict = check(sparse)
+    assert verdict["eligible"], verdict["reasons"]
+    assert verdict["zero_fraction_1x1"] > 2 / 3
+    dense, _ = convert(strip_model(mobile), "none", sparse=False)
+    assert check(dense)["reasons"] == ["weights are stored dense (no DENSIFY)"]
+    small, _ = build_model("small_cnn", "bcs", 0.1)
+    blob, _ = convert(strip_model(small), "none", sparse=True)
+    assert any("first convolution" in r for r in check(blob)["reasons"])
+
+
+def test_device_benchmark_compares_a_compacted_channel_network_with_its_full_width(tmp_path, capsys):
+    from bench.device import main as device_main
+
+    out = tmp_path / "channel"
+    assert train_main(FAST + ["--granularity", "channel", "--connectivity", "0.3", "--out", str(out)]) == 0
+    assert device_main([str(out), "--quantize", "none", "--repeats", "5", "--no-onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert "| tflite none | compact |" in printed and "| tflite none | full width |" in printed
+    assert "compact / full width" in printed
