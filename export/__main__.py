@@ -23,13 +23,22 @@ def build_parser():
                      help="keras: stripped Keras model; tflite: LiteRT flatbuffer; onnx: ONNX (opset 17)")
     fmt.add_argument("--quantize", choices=QUANTIZE, default="none", help="LiteRT number format (tflite only)")
     fmt.add_argument("--int8-weights", choices=("per-channel", "per-tensor"),
-                     help="int8 weight scales (default: per-tensor for sparse models, per-channel for dense)")
+                     help="int8 weight scales (default: per-channel for dense models; for sparse ones whichever "
+                     "keeps more connections in a file ≤ 1.25× the per-tensor one, said in the report)")
     fmt.add_argument("--onnx-dense", action="store_true", help="keep pruned ONNX initializers dense")
     data = p.add_argument_group("data")
     data.add_argument("--calibration-examples", type=cli.positive(int, 0), metavar="N", default=200,
                       help="training images for int8 calibration")
     data.add_argument("--n-examples", type=cli.positive(int), metavar="N", default=None,
                       help="test images used for verification (default: 2000, or the whole test set if smaller)")
+    attack = p.add_argument_group("attack")
+    attack.add_argument("--attack-exported", action="store_true",
+                        help="also attack the exported file itself: ART's Square (L∞, the run's ε, score-based) "
+                        "through a black-box wrapper of the LiteRT interpreter / onnxruntime session")
+    attack.add_argument("--attack-examples", type=cli.positive(int), metavar="N", default=500,
+                        help="test images Square attacks (the first N of the verification images)")
+    attack.add_argument("--attack-queries", type=cli.positive(int), metavar="N", default=1000,
+                        help="Square's query budget per image")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/export/model[_QUANT].EXT)")
     out.add_argument("--allow-mismatch", action="store_true", help="write even if parity fails (loudly)")
@@ -66,6 +75,9 @@ def print_table(r):
         ("clean acc", f"exported {rob['exported']['clean']:.4f} | keras {rob['keras']['clean']:.4f}"),
         ("PGD-20 acc", f"exported (transfer) {rob['exported']['pgd20_transfer']:.4f} | keras "
                        f"{rob['keras']['pgd20']:.4f} (eps {rob['eps']})"),
+        *([("Square acc", f"exported {rob['square']['exported']:.4f} | keras {rob['square']['keras']:.4f} "
+                          f"({rob['square']['queries']} queries, {rob['square']['n']} images, black-box)")]
+          if "square" in rob else []),
         ("latency", f"{r['latency_ms']['median_single_example']:.3f} ms / example (keras "
                     f"{r['latency_ms']['keras_median_single_example']:.3f} ms)"),
     ]

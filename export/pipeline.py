@@ -150,6 +150,14 @@ def export(args):
         "exported": {"clean": verify.accuracy(exported_logits, y),
                      "pgd20_transfer": verify.accuracy(verify.batched(runtime, x_adv), y)},
     }
+    if args.attack_exported:
+        n_attack = min(args.attack_examples, len(x))
+        xs, ys = x[:n_attack], y[:n_attack]
+        report["robustness"]["square"] = {
+            "queries": args.attack_queries, "n": n_attack, "attack": "ART Square L-inf, black-box (scores only)",
+            "exported": verify.black_box_square(runtime, xs, ys, cfg.eps, args.attack_queries),
+            "keras": verify.black_box_square(lambda b: np.asarray(model(b, training=False)), xs, ys, cfg.eps,
+                                             args.attack_queries)}
     report["latency_ms"] = {"median_single_example": verify.latency_ms(runtime, x[:1]),
                             "keras_median_single_example": verify.latency_ms(
                                 lambda b: np.asarray(plain(b, training=False)), x[:1])}

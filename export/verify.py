@@ -71,3 +71,21 @@ def latency_ms(fn, sample, repeats=50):
         fn(sample)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def black_box_square(predict, x, y, eps, queries, seed=0):
+    """Accuracy of ``predict`` (batch → logits, any runtime) under ART's L∞ Square attack, which sees only its
+    scores (``BlackBoxClassifierNeuralNetwork``): robustness of the file itself, not transferred."""
+    from art.attacks.evasion import SquareAttack
+    from art.estimators.classification import BlackBoxClassifierNeuralNetwork
+
+    logits = batched(predict, x[:2])
+    classifier = BlackBoxClassifierNeuralNetwork(lambda b: batched(predict, b.astype(np.float32)), x.shape[1:],
+                                                 logits.shape[1], channels_first=False, clip_values=(0.0, 1.0))
+    np.random.seed(seed)  # ART draws its windows from NumPy's global generator
+    attack = SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=queries, nb_restarts=1, batch_size=len(x),
+                          verbose=False)
+    x_adv = attack.generate(x.astype(np.float32), y=np.eye(logits.shape[1], dtype=np.float32)[y])
+    if np.max(np.abs(x_adv - x)) > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError("Square left the ε-ball or [0, 1]")
+    return accuracy(batched(predict, x_adv), y)
