@@ -167,3 +167,21 @@ def test_in_graph_square_is_at_least_as_strong_as_arts():
     assert acc_tf < art.run("clean", x, y)[0]  # it does find adversarial examples
     x_adv = SquareAttack(ours.predict, eps, n_queries=300)(x, y)
     assert np.abs(x_adv - x).max() <= eps + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+
+
+@pytest.mark.parametrize("attack", ["apgd-ce", "apgd-t"])
+def test_in_graph_apgd_is_at_least_as_strong_as_arts(attack):
+    import math
+
+    from bcs_tf.apgd import checkpoints
+
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # the authors' schedule for 100 iterations
+    model, x, y = _model(masked=False)
+    eps = 0.1
+    art = Evaluator(model, eps=eps, num_classes=10, batch_size=64, verbose=0, apgd="art")
+    ours = Evaluator(model, eps=eps, num_classes=10, batch_size=64, verbose=0, apgd="tf")
+    acc_art, _ = art.run(attack, x, y)
+    acc_tf, _ = ours.run(attack, x, y)
+    noise = 2 * math.sqrt(max(acc_art * (1 - acc_art), 0.01) / len(x))
+    assert acc_tf <= acc_art + noise, (acc_tf, acc_art)
+    assert acc_tf < ours.run("clean", x, y)[0]  # it does find adversarial examples

@@ -1,5 +1,6 @@
-"""The attacks of ``training.evaluate`` on a Keras network: bcs_tf's in-graph FGSM/PGD, ART's APGD-CE, APGD-T,
-Square and AutoAttack, foolbox's Brendel & Bethge; AutoAttack's standard sequence on the survivors."""
+"""The attacks of ``training.evaluate`` on a Keras network: bcs_tf's in-graph FGSM/PGD, APGD-CE, APGD-T and
+Square (ART's behind ``apgd="art"`` / ``square="art"``), ART's AutoAttack class, foolbox's Brendel & Bethge;
+AutoAttack's standard sequence on the survivors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tensorflow as tf
 # (absl's closes its stream when that is not the current sys.stderr): import it here, once, up front.
 from art.estimators.classification import TensorFlowV2Classifier
 
+from bcs_tf.apgd import APGD, apgd_targeted
 from bcs_tf.attacks import fgsm, pgd_restarts
 from bcs_tf.errors import ConfigError
 from bcs_tf.square import SquareAttack
@@ -66,12 +68,14 @@ class Evaluator:
     """
 
     def __init__(self, net, eps, num_classes, batch_size=256, restarts=1, seed=0, square_queries=5000,
-                 verbose=1, bb_steps=1000, autoattack="standard", square="tf"):
+                 verbose=1, bb_steps=1000, autoattack="standard", square="tf", apgd="tf"):
         if autoattack not in ("standard", "art"):
             raise ConfigError(f"--autoattack must be 'standard' or 'art'. Received: {autoattack!r}")
         if square not in ("tf", "art"):
             raise ConfigError(f"--square must be 'tf' or 'art'. Received: {square!r}")
-        self.square_version = square
+        if apgd not in ("tf", "art"):
+            raise ConfigError(f"--apgd must be 'tf' or 'art'. Received: {apgd!r}")
+        self.square_version, self.apgd_version = square, apgd
         self.net, self.eps, self.num_classes = InferenceFunction(net), float(eps), num_classes
         self.batch_size, self.restarts, self.seed = batch_size, restarts, seed
         self.square_queries, self.verbose, self.bb_steps = square_queries, verbose, bb_steps
@@ -126,11 +130,27 @@ class Evaluator:
         return lambda x, y: np.argmax(self.predict(attack(tf.constant(x), tf.constant(y))), 1) == y
 
     def apgd_ce(self, x, y):
+        """APGD with cross-entropy, 100 iterations, ``restarts`` random starts."""
+        if self.apgd_version == "tf":
+            robust = self.clean(x, y)
+            for restart in range(self.restarts):
+                idx = np.flatnonzero(robust)
+                if len(idx):
+                    robust[idx] = APGD(self.predict, self.eps, seed=self.seed + restart)(x[idx], y[idx])
+            return robust
         x_adv = self._apgd("cross_entropy", False).generate(x, y=y)
         return np.argmax(self.predict(x_adv), 1) == y
 
     def apgd_t(self, x, y):
         """Targeted APGD-DLR against each of the top-9 wrong classes (as AutoAttack's APGD-T)."""
+        if self.apgd_version == "tf":
+            robust = self.clean(x, y)
+            for restart in range(self.restarts):
+                idx = np.flatnonzero(robust)
+                if len(idx):
+                    robust[idx] = apgd_targeted(self.predict, x[idx], y[idx], self.eps, seed=self.seed + restart,
+                                                batch_size=self.batch_size)
+            return robust
         attack = self._apgd("dlr", True)
         ranking = np.argsort(-np.asarray(self.predict(x)), axis=1)
         robust = self.clean(x, y)

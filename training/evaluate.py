@@ -97,6 +97,8 @@ def build_parser():
                         help="query budget of Square")
     attack.add_argument("--square", choices=("tf", "art"), default="tf",
                         help="Square attack: bcs_tf's in-graph, batched one, or ART's (for comparison)")
+    attack.add_argument("--apgd", choices=("tf", "art"), default="tf",
+                        help="APGD-CE / APGD-T: bcs_tf's in-graph ones (APGD-T's 9 targets batched), or ART's")
     attack.add_argument("--autoattack", choices=("standard", "art"), default="standard",
                         help="standard: APGD-CE → APGD-T → Square on survivors; art: ART's AutoAttack class")
     data = p.add_argument_group("data")
@@ -153,10 +155,13 @@ def _previous_results(out_json, settings):
         report = json.loads(out_json.read_text())
     except (OSError, ValueError) as exc:
         raise cli.FlagError(f"--resume: cannot read {out_json} ({exc}); use --overwrite to start afresh") from exc
-    saved = {"square": "art", **report}  # reports from before the in-graph Square used ART's
+    saved = {"square": "art", "apgd": "art", **report}  # reports from before the in-graph attacks used ART's
     differs = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-    if "square" in differs and not any(a in report.get("attacks", {}) for a in ("square", "autoattack")):
+    kept = report.get("attacks", {})
+    if "square" in differs and not any(a in kept for a in ("square", "autoattack")):
         del differs["square"]  # no kept result depends on which Square ran
+    if "apgd" in differs and not any(a in kept for a in ("apgd-ce", "apgd-t", "autoattack")):
+        del differs["apgd"]
     if differs:
         raise cli.FlagError(f"--resume: {out_json} was made with other settings (saved, now): {differs}; "
                           "use --overwrite to start afresh")
@@ -181,10 +186,11 @@ def evaluate(args, names):
         raise cli.FlagError(f"--n-examples: the {cfg.dataset} test set has {len(data.x_test)} examples. "
                             f"Received: {args.n_examples}")
     ev = Evaluator(net, eps, data.num_classes, args.batch_size, args.restarts, cfg.seed, args.square_queries,
-                   args.verbose, autoattack=args.autoattack, square=args.square)
+                   args.verbose, autoattack=args.autoattack, square=args.square, apgd=args.apgd)
     x, y = data.x_test[: args.n_examples], data.y_test[: args.n_examples]
     settings = {"run_dir": str(run_dir), "eps": eps, "restarts": args.restarts, "n_examples": int(len(x)),
-                "square_queries": args.square_queries, "autoattack": args.autoattack, "square": args.square}
+                "square_queries": args.square_queries, "autoattack": args.autoattack, "square": args.square,
+                "apgd": args.apgd}
     results = _previous_results(out_json, settings) if args.resume and out_json.exists() else {}
     for name in names:
         if name in results:
@@ -205,7 +211,8 @@ def _write_report(out_json, out_md, settings, results):
     """Write eval.json and eval.md atomically; returns the order-check problems."""
     problems = order_check(results, settings["n_examples"])
     square = "bcs_tf's in-graph Square" if settings["square"] == "tf" else "ART's Square"
-    aa = (f"APGD-CE → APGD-T (DLR, top-9 targets) → {square}, each on the survivors; FAB-T is not in ART"
+    apgd = "bcs_tf's in-graph" if settings.get("apgd", "art") == "tf" else "ART's"
+    aa = (f"{apgd} APGD-CE → APGD-T (DLR, top-9 targets) → {square}, each on the survivors; FAB-T is left out"
           if settings["autoattack"] == "standard" else
           "ART AutoAttack: APGD-CE, APGD-DLR, Square untargeted, then APGD-CE and APGD-DLR against every class")
     report = {**settings, "attacks": results, "order_check": {"ok": not problems, "problems": problems},
