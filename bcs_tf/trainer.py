@@ -34,6 +34,20 @@ class StepHealth:
         return NONFINITE.get(int(self.code.numpy()))
 
 
+def multi_worker(strategy):
+    """Whether ``strategy`` spans several workers (``MultiWorkerMirroredStrategy`` with a cluster)."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def _per_worker_logs(logs):
+    """Logs as shape-[1] tensors under several workers: Keras 3.15 reduces them across workers with
+    ``axis=0``, which a scalar does not have; the reduction then gives back the scalar mean."""
+    if not multi_worker(tf.distribute.get_strategy()):
+        return logs
+    return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+
+
 def _all_finite(tensors):
     return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]))
 
@@ -170,7 +184,22 @@ class RobustTrainer(keras.Model):
             if logits is not None:
                 metric.update_state(y, logits)
                 logs[metric.name] = metric.result()
-        return logs
+        return _per_worker_logs(logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 builds from the first batch reduced across replicas; across workers that collective
+        # rejects the per-replica batch. One replica's local batch has the shapes the build needs.
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None or not multi_worker(strategy):
+            return super()._maybe_symbolic_build(iterator, data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = tf.nest.map_structure(
+                lambda v: strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
 
     def _rewire(self, strategy, masks, learning_rate):
         first = strategy.experimental_local_results  # the replicas' masks are equal (mirrored θ)
@@ -189,4 +218,4 @@ class RobustTrainer(keras.Model):
             x_adv = pgd(self._predict, x, y, a.eps, a.step_size, a.steps, norm=a.norm, rand_init=True,
                         clip_min=a.clip_min, clip_max=a.clip_max, seed=self.attack_seed)
             self.robust_acc.update_state(y, self._predict(x_adv))
-        return {m.name: m.result() for m in self.metrics[1:]}
+        return _per_worker_logs({m.name: m.result() for m in self.metrics[1:]})

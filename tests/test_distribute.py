@@ -1,5 +1,6 @@
-"""Data-parallel training with tf.distribute.MirroredStrategy on two logical CPU devices (in a subprocess:
-logical devices must be configured before TensorFlow initialises, which the test process already did)."""
+"""Data-parallel training: MirroredStrategy on two logical CPU devices (in a subprocess: logical devices must be
+configured before TensorFlow initialises, which the test process already did), and MultiWorkerMirroredStrategy
+with two local worker processes of one TF_CONFIG cluster."""
 
 import json
 import os
@@ -82,3 +83,95 @@ def test_the_cli_trains_mirrored_on_two_cpu_devices(tmp_path):
             "--out", str(tmp_path / "run"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
+
+
+def _free_ports(n):
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _workers(argv_of, n=2, timeout=600):
+    """Start ``n`` local workers of one TF_CONFIG cluster; ``argv_of(i)`` is worker i's command line."""
+    hosts = [f"localhost:{p}" for p in _free_ports(n)]
+    procs = []
+    for i in range(n):
+        tf_config = json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen([sys.executable, *argv_of(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": ROOT, "TF_CONFIG": tf_config}))
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+MULTI = SCRIPT.split("class BudgetOnEveryReplica")[0].replace(
+    'cpus = tf.config.list_physical_devices("CPU")\n'
+    'tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)\n', "") + r'''
+from bcs_tf.trainer import RobustTrainer as _Trainer
+
+
+class RobustTrainer(_Trainer):
+    def train_step(self, data):  # each worker's share of the global batch
+        tf.print("BATCH", tf.shape(data[0])[0], output_stream=sys.stdout)
+        return super().train_step(data)
+
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy() if sys.argv[1] == "multi" else \
+    tf.distribute.OneDeviceStrategy("/cpu:0")
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.ReLU()(SparseConv2D(4, 3, strides=2, connectivity=0.3, seed=0, name="c1")(inputs))
+    net = keras.Model(inputs, SparseDense(4, connectivity=0.3, seed=1, name="d1")(keras.layers.Flatten()(h)))
+    layers = sparse_layers(net)
+    alloc = allocate_budget([l.kernel_size_total for l in layers], 0.3, "global")
+    for layer, count in zip(layers, alloc.counts):
+        layer.reset_connectivity(count, seed=0)
+    trainer = RobustTrainer(net, make_objective("natural"), allocation=alloc, temperature=1e-3, alpha=1e-3)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+    trainer.prepare()
+rng = np.random.default_rng(0)
+x, y = rng.uniform(size=(64, 8, 8, 1)).astype("float32"), rng.integers(0, 4, 64).astype("int32")
+trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0)
+np.save(sys.argv[2], np.concatenate([w.numpy().ravel() for w in net.weights]))
+print("RESULT", json.dumps({"active": [l.active_count() for l in layers], "budget": alloc.budgets[0]}))
+'''
+
+
+def test_two_workers_split_each_batch_agree_and_match_one_device(tmp_path):
+    import numpy as np
+
+    outs = _workers(lambda i: ["-c", MULTI, "multi", str(tmp_path / f"w{i}.npy")])
+    single = _python(MULTI, "one", str(tmp_path / "one.npy"))
+    results = [json.loads(o.split("RESULT", 1)[1]) for o in outs + [single]]
+    assert all(r["active"] == results[0]["active"] and sum(r["active"]) == r["budget"] for r in results)
+    assert all(line.split()[1] == "8" for o in outs for line in o.splitlines() if line.startswith("BATCH"))
+    w0, w1, one = (np.load(tmp_path / f) for f in ("w0.npy", "w1.npy", "one.npy"))
+    assert np.array_equal(w0, w1)  # the workers hold the same network, rewiring included
+    assert np.abs(w0 - one).max() < 1e-5  # two workers of 8 examples = one device of 16
+
+
+def test_the_cli_trains_on_two_local_workers(tmp_path):
+    import numpy as np
+
+    flags = ["--dataset", "synthetic", "--val-split", "64", "--max-steps", "4", "--epochs", "2", "--attack-steps",
+             "2", "--eval-steps", "2", "--connectivity", "0.05", "--strategy", "multiworker", "--verbose", "0",
+             "--no-report"]
+    _workers(lambda i: ["-m", "training.run", *flags, "--out", str(tmp_path / f"worker{i}")])
+    weights = []
+    for i in range(2):
+        metrics = json.loads((tmp_path / f"worker{i}" / "metrics.json").read_text())
+        assert metrics["steps"] == 4 and metrics["connectivity"]["active"] == metrics["allocation"]["budgets"][0]
+        weights.append(_python("import sys, numpy as np, keras, bcs_tf.layers\n"
+                               "m = keras.models.load_model(sys.argv[1])\n"
+                               "print(float(sum(np.abs(w).sum() for w in m.get_weights())))",
+                               str(tmp_path / f"worker{i}" / "model.keras")).strip().splitlines()[-1])
+    assert weights[0] == weights[1]

@@ -24,7 +24,7 @@ DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "synthe
 PRECISION_NAMES = ("float32", "mixed_bfloat16", "mixed_float16")
 BUDGET_MODES = ("global", "layer")
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
-STRATEGY_NAMES = ("default", "mirrored")
+STRATEGY_NAMES = ("default", "mirrored", "multiworker")
 SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
 # Training methods (training/methods/ has one module each); those in FROM_METHODS start from another run.
 METHOD_NAMES = ("bcs", "random", "dense", "fixed", "hydra", "lottery", "iwi")
@@ -114,7 +114,9 @@ class RunConfig:
     seed: int = flag(0, "optimisation", "seed of the initialisation, data order, attacks and rewiring")
     max_steps: typing.Optional[int] = flag(None, "optimisation", "stop after N optimizer steps (smoke runs)")
     strategy: str = flag("default", "optimisation", "default: one device; mirrored: data-parallel over every "
-                         "local GPU (else every CPU device), the --batch-size split among them", STRATEGY_NAMES)
+                         "local GPU (else every CPU device), the --batch-size split among them; multiworker: "
+                         "over the machines of TF_CONFIG, each worker with its own --out (docs/design.md)",
+                         STRATEGY_NAMES)
     jit: bool = flag(False, "optimisation", "compile the training step with XLA (jit_compile; often faster on "
                      "GPUs, slower on CPUs here)")
     on_nan: str = flag("stop", "optimisation", "when a step's loss, gradients or weights turn NaN/Inf: stop (files "
@@ -182,6 +184,8 @@ class RunConfig:
             bad("connectivity", "--method iwi trains the large network dense, so it must be 1")
         if self.granularity != "weight" and self.method not in ("bcs", "random", "dense"):
             bad("granularity", f"is not built for --method {self.method} yet (bcs and random have it)")
+        if self.strategy == "multiworker" and self.on_nan == "restore":
+            bad("on_nan", "restore is not available with --strategy multiworker (workers would roll back apart)")
         if self.block_size < 2:
             bad("block_size", "must be ≥ 2 (1 is --granularity weight)")
         if self.reinit and self.method != "lottery":

@@ -124,6 +124,17 @@ def steps_per_epoch(cfg, data):
     return batches_per_epoch(n, cfg.batch_size, cfg.extra_fraction if cfg.extra_data else None)
 
 
+def _checkpoint_every(cfg):
+    """Steps between checkpoints within an epoch: "auto" (≈ 10 min, measured), None (epoch ends only) or N.
+
+    Workers measure their own step times, so under several workers "auto" would checkpoint them at different
+    steps and a resumed cluster would start its workers at different places: epoch ends only, unless N is given.
+    """
+    if cfg.checkpoint_every is None:
+        return None if cfg.strategy == "multiworker" else "auto"
+    return cfg.checkpoint_every or None
+
+
 def fit_phase(trainer, cfg, data, directory, epochs, lr=None, verbose=1, select_best=True, snapshots=(),
               max_steps=None):
     """Train ``trainer`` for ``epochs`` epochs with checkpoints in ``directory``; returns the EpochCheckpoint.
@@ -176,7 +187,7 @@ def _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapsh
     skip = state.get("step_in_epoch", 0) if state else 0
     saver = EpochCheckpoint(ckpt_dir, best_path if select_best else None, monitor=monitor, resumed_state=state,
                             extra_state={"restores": restores}, keep=cfg.keep_checkpoints, steps_per_epoch=per_epoch,
-                            every="auto" if cfg.checkpoint_every is None else cfg.checkpoint_every or None,
+                            every=_checkpoint_every(cfg),
                             step_offset=skip)
     if state is None:  # the point to roll back to when the first epoch diverges
         check_before_save(trainer, "the initial network")
