@@ -9,15 +9,39 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r'''
+# the network, trainer and data both distributed tests train (a BatchNorm-free net: replicas agree to 1e-5)
+COMMON = r'''
 import json, sys
 import numpy as np, tensorflow as tf, keras
-cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 from bcs_tf.connectivity import allocate_budget
 from bcs_tf.layers import SparseConv2D, SparseDense, sparse_layers
 from bcs_tf.objectives import make_objective
 from bcs_tf.trainer import RobustTrainer
+
+
+def build(strategy, trainer_class=RobustTrainer):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.ReLU()(SparseConv2D(4, 3, strides=2, connectivity=0.3, seed=0, name="c1")(inputs))
+        net = keras.Model(inputs, SparseDense(4, connectivity=0.3, seed=1, name="d1")(keras.layers.Flatten()(h)))
+        layers = sparse_layers(net)
+        alloc = allocate_budget([l.kernel_size_total for l in layers], 0.3, "global")
+        for layer, count in zip(layers, alloc.counts):
+            layer.reset_connectivity(count, seed=0)
+        trainer = trainer_class(net, make_objective("natural"), allocation=alloc, temperature=1e-3, alpha=1e-3)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
+        trainer.prepare()
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(64, 8, 8, 1)).astype("float32"), rng.integers(0, 4, 64).astype("int32")
+    return trainer, net, layers, alloc, tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+'''
+
+SCRIPT = r'''
+import tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+''' + COMMON + r'''
 
 
 class BudgetOnEveryReplica(keras.callbacks.Callback):
@@ -32,22 +56,9 @@ class BudgetOnEveryReplica(keras.callbacks.Callback):
 
 
 def run(strategy):
-    with strategy.scope():
-        keras.utils.set_random_seed(0)
-        inputs = keras.Input((8, 8, 1))
-        h = keras.layers.ReLU()(SparseConv2D(4, 3, strides=2, connectivity=0.3, seed=0, name="c1")(inputs))
-        net = keras.Model(inputs, SparseDense(4, connectivity=0.3, seed=1, name="d1")(keras.layers.Flatten()(h)))
-        layers = sparse_layers(net)
-        alloc = allocate_budget([l.kernel_size_total for l in layers], 0.3, "global")
-        for layer, count in zip(layers, alloc.counts):
-            layer.reset_connectivity(count, seed=0)
-        trainer = RobustTrainer(net, make_objective("natural"), allocation=alloc, temperature=1e-3, alpha=1e-3)
-        trainer.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
-        trainer.prepare()
-    rng = np.random.default_rng(0)
-    x, y = rng.uniform(size=(64, 8, 8, 1)).astype("float32"), rng.integers(0, 4, 64).astype("int32")
+    trainer, net, layers, alloc, data = build(strategy)
     check = BudgetOnEveryReplica(strategy, alloc.budgets[0])
-    trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0, callbacks=[check])
+    trainer.fit(data, epochs=3, verbose=0, callbacks=[check])
     return ([l.active_count() for l in layers], [w.numpy() for w in net.weights], check.counts,
             strategy.num_replicas_in_sync, alloc.budgets[0])
 
@@ -112,13 +123,10 @@ def _workers(argv_of, n=2, timeout=600):
     return [out for out, _ in outputs]
 
 
-MULTI = SCRIPT.split("class BudgetOnEveryReplica")[0].replace(
-    'cpus = tf.config.list_physical_devices("CPU")\n'
-    'tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)\n', "") + r'''
-from bcs_tf.trainer import RobustTrainer as _Trainer
+MULTI = COMMON + r'''
 
 
-class RobustTrainer(_Trainer):
+class WorkerShare(RobustTrainer):
     def train_step(self, data):  # each worker's share of the global batch
         tf.print("BATCH", tf.shape(data[0])[0], output_stream=sys.stdout)
         return super().train_step(data)
@@ -126,21 +134,8 @@ class RobustTrainer(_Trainer):
 
 strategy = tf.distribute.MultiWorkerMirroredStrategy() if sys.argv[1] == "multi" else \
     tf.distribute.OneDeviceStrategy("/cpu:0")
-with strategy.scope():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = keras.layers.ReLU()(SparseConv2D(4, 3, strides=2, connectivity=0.3, seed=0, name="c1")(inputs))
-    net = keras.Model(inputs, SparseDense(4, connectivity=0.3, seed=1, name="d1")(keras.layers.Flatten()(h)))
-    layers = sparse_layers(net)
-    alloc = allocate_budget([l.kernel_size_total for l in layers], 0.3, "global")
-    for layer, count in zip(layers, alloc.counts):
-        layer.reset_connectivity(count, seed=0)
-    trainer = RobustTrainer(net, make_objective("natural"), allocation=alloc, temperature=1e-3, alpha=1e-3)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.5, momentum=0.9))
-    trainer.prepare()
-rng = np.random.default_rng(0)
-x, y = rng.uniform(size=(64, 8, 8, 1)).astype("float32"), rng.integers(0, 4, 64).astype("int32")
-trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=3, verbose=0)
+trainer, net, layers, alloc, data = build(strategy, WorkerShare)
+trainer.fit(data, epochs=3, verbose=0)
 np.save(sys.argv[2], np.concatenate([w.numpy().ravel() for w in net.weights]))
 print("RESULT", json.dumps({"active": [l.active_count() for l in layers], "budget": alloc.budgets[0]}))
 '''
