@@ -113,9 +113,10 @@ class APGD:
         return np.asarray(self._run(tf.constant(x, tf.float32), y, target))
 
 
-def apgd_targeted(predict, x, y, eps, n_iter=100, n_targets=9, seed=0, batch_size=256):
+def apgd_targeted(predict, x, y, eps, n_iter=100, n_targets=9, seed=0, batch_size=256, attack=None):
     """AutoAttack's APGD-T: targeted DLR against each of the ``n_targets`` most likely wrong classes, all targets
-    of a chunk of examples in one batched run; returns the still-correct booleans."""
+    of a chunk of examples in one batched run; returns the still-correct booleans. ``attack`` reuses an
+    ``APGD(predict, eps, n_iter, targeted_dlr_loss, seed)`` (and its traced graph) across calls."""
     logits = np.concatenate([np.asarray(predict(tf.constant(x[i:i + batch_size])))
                              for i in range(0, len(x), batch_size)])
     robust = np.argmax(logits, 1) == y
@@ -123,7 +124,7 @@ def apgd_targeted(predict, x, y, eps, n_iter=100, n_targets=9, seed=0, batch_siz
     ranking = np.argsort(-logits, axis=1)
     targets = np.stack([np.where(ranking[:, 0] == y, ranking[:, r], ranking[:, r - 1])
                         for r in range(1, n_targets + 1)], axis=1)  # (n, n_targets)
-    attack = APGD(predict, eps, n_iter, targeted_dlr_loss, seed)
+    attack = attack or APGD(predict, eps, n_iter, targeted_dlr_loss, seed)
     idx = np.flatnonzero(robust)
     per_chunk = max(1, batch_size // n_targets)
     for i in range(0, len(idx), per_chunk):

@@ -14,7 +14,7 @@ import tensorflow as tf
 # (absl's closes its stream when that is not the current sys.stderr): import it here, once, up front.
 from art.estimators.classification import TensorFlowV2Classifier
 
-from bcs_tf.apgd import APGD, apgd_targeted
+from bcs_tf.apgd import APGD, apgd_targeted, ce_loss, targeted_dlr_loss
 from bcs_tf.attacks import fgsm, pgd_restarts
 from bcs_tf.errors import ConfigError
 from bcs_tf.square import SquareAttack
@@ -80,7 +80,7 @@ class Evaluator:
         self.batch_size, self.restarts, self.seed = batch_size, restarts, seed
         self.square_queries, self.verbose, self.bb_steps = square_queries, verbose, bb_steps
         self.autoattack_version = autoattack
-        self._classifiers = {}
+        self._classifiers, self._apgd_tf = {}, {}
         self._outcomes, self._outcomes_for = {}, None
 
     def predict(self, x):
@@ -96,6 +96,13 @@ class Evaluator:
                 model=self.net, nb_classes=self.num_classes, input_shape=tuple(self.net.input_shape[1:]),
                 loss_object=loss_object, clip_values=(0.0, 1.0))
         return self._classifiers[loss]
+
+    def _apgd_in_graph(self, loss, restart):
+        """bcs_tf's APGD with ``loss`` for random start ``restart``, built (and traced) once."""
+        key = (loss, restart)
+        if key not in self._apgd_tf:
+            self._apgd_tf[key] = APGD(self.predict, self.eps, loss=loss, seed=self.seed + restart)
+        return self._apgd_tf[key]
 
     def _apgd(self, loss, targeted, max_iter=100):
         from art.attacks.evasion import AutoProjectedGradientDescent
@@ -136,7 +143,7 @@ class Evaluator:
             for restart in range(self.restarts):
                 idx = np.flatnonzero(robust)
                 if len(idx):
-                    robust[idx] = APGD(self.predict, self.eps, seed=self.seed + restart)(x[idx], y[idx])
+                    robust[idx] = self._apgd_in_graph(ce_loss, restart)(x[idx], y[idx])
             return robust
         x_adv = self._apgd("cross_entropy", False).generate(x, y=y)
         return np.argmax(self.predict(x_adv), 1) == y
@@ -148,8 +155,8 @@ class Evaluator:
             for restart in range(self.restarts):
                 idx = np.flatnonzero(robust)
                 if len(idx):
-                    robust[idx] = apgd_targeted(self.predict, x[idx], y[idx], self.eps, seed=self.seed + restart,
-                                                batch_size=self.batch_size)
+                    robust[idx] = apgd_targeted(self.predict, x[idx], y[idx], self.eps, batch_size=self.batch_size,
+                                                attack=self._apgd_in_graph(targeted_dlr_loss, restart))
             return robust
         attack = self._apgd("dlr", True)
         ranking = np.argsort(-np.asarray(self.predict(x)), axis=1)
