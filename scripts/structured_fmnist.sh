@@ -10,12 +10,13 @@ PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=.
 declare -A RUNS=(
   [block_c0.01]="--method bcs --granularity block --connectivity 0.01"
+  [block16_c0.01]="--method bcs --granularity block --block-size 16 --connectivity 0.01"
   [channel_c0.3]="--method bcs --granularity channel --connectivity 0.3"
   [mobilenet_c0.1]="--method bcs --model mobilenet --connectivity 0.1"
   [bcs_c0.1]="--method bcs --connectivity 0.1"
   [mobilenet_dense]="--method dense --model mobilenet --connectivity 1"
 )
-ORDER=(block_c0.01 channel_c0.3 mobilenet_c0.1 bcs_c0.1 mobilenet_dense)
+ORDER=(block_c0.01 channel_c0.3 mobilenet_c0.1 bcs_c0.1 mobilenet_dense block16_c0.01)
 names=("${@:-${ORDER[@]}}")
 read -r -a names <<< "${names[*]}"
 COMMON=(--objective at --dataset fashion_mnist --epochs 5 --val-split 1000 --eps 0.1 --seed 0 --no-report
