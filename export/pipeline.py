@@ -151,6 +151,8 @@ def export(args):
                      "pgd20_transfer": verify.accuracy(verify.batched(runtime, x_adv), y)},
     }
     if args.attack_exported:
+        with native_output(args.verbose):  # ART's import warns that PyTorch is absent
+            import art.attacks.evasion  # noqa: F401
         n_attack = min(args.attack_examples, len(x))
         xs, ys = x[:n_attack], y[:n_attack]
         report["robustness"]["square"] = {
