@@ -69,7 +69,8 @@ def print_table(r):
         ("size", f"{size['bytes']:,} B (gzip {size['gzip_bytes']:,} B), {size['over_floor']:.2f}x floor "
                  f"{size['floor_bytes']:,} B"),
         ("nonzero weights", f"{nz['exported']:,} exported / {nz['keras_stripped']:,} stripped / budget "
-                            f"{nz['budget'] if nz['budget'] is not None else 'dense'}"),
+                            + (f"{nz['budget']:,} connections ({nz.get('granularity', 'weight')})"
+                               if nz["budget"] is not None else "dense")),
         ("parity", f"top-1 agreement {r['parity']['top1_agreement']:.4f}, max |dlogit| "
                    f"{r['parity']['max_abs_diff']:.3g} on {r['parity']['n']} test images"),
         ("clean acc", f"exported {rob['exported']['clean']:.4f} | keras {rob['keras']['clean']:.4f}"),
