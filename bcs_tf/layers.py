@@ -51,7 +51,7 @@ def sparse_theta_values(shape, n_active, fan_in, rng):
 
 
 def group_norms(v, block):
-    """‖v_g‖ of every block ``g`` of ``v`` (blocks of shape ``block`` tiling ``v``): an array of the grid's shape."""
+    """‖v_g‖ of every block ``g`` of ``v`` (blocks of shape ``block`` tiling ``v``), in the grid's shape."""
     split = []
     for size, b in zip(v.shape, block):
         split += [int(size) // b, b]

@@ -178,7 +178,8 @@ def _xnnpack_report(built):
     from export.xnnpack_sparse import check, cpu_runs_sparse_inference
 
     cpu = cpu_runs_sparse_inference()
-    sparse = {fmt: blob for (fmt, storage), (kind, blob, _) in built.items() if kind == "tflite" and storage == "sparse"}
+    sparse = {fmt: blob for (fmt, storage), (kind, blob, _) in built.items()
+              if kind == "tflite" and storage == "sparse"}
     if sparse:
         print("\nXNNPACK sparse inference (1×1 convolutions computed sparse; see export/xnnpack_sparse.py):")
     for fmt, blob in sparse.items():
