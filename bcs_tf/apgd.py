@@ -66,12 +66,12 @@ class APGD:
 
     def _attack(self, x, y, target):
         eps, n = self.eps, tf.shape(x)[0]
+        shape = [-1] + [1] * (len(x.shape) - 1)  # a per-example value broadcast over the image
         project = lambda z: tf.clip_by_value(tf.clip_by_value(z, x - eps, x + eps), 0.0, 1.0)  # noqa: E731
         t = tf.random.stateless_uniform(tf.shape(x), [self.seed, 1], -1.0, 1.0)
         t_max = tf.reduce_max(tf.abs(tf.reshape(t, [n, -1])), axis=1)
-        x_adv = project(x + eps * t / tf.reshape(t_max, [-1] + [1] * (len(x.shape) - 1)))
+        x_adv = project(x + eps * t / tf.reshape(t_max, shape))
         loss, grad, fooled = self._loss_and_grad(x_adv, y, target)
-        shape = [-1] + [1] * (len(x.shape) - 1)
         step = tf.fill([n], 2.0 * eps)
         state = dict(x_adv=x_adv, x_prev=x_adv, grad=grad, loss=loss, fooled=fooled, best_loss=loss, x_best=x_adv,
                      step=step, grad_best=grad, increases=tf.zeros([n]), last_best=loss,

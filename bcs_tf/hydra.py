@@ -74,7 +74,7 @@ class HydraScoreTrainer(RobustTrainer):
     @contextlib.contextmanager
     def _subnetwork(self, straight_through):
         for layer, score, keep in zip(self.prunable, self.scores, self._keep()):
-            w = tf.stop_gradient(layer.sign * ops.relu(layer.theta))
+            w = tf.stop_gradient(layer.effective_kernel())
             if straight_through:  # value: the 0/1 mask; gradient: d|s|/ds
                 keep = keep + tf.abs(score) - tf.stop_gradient(tf.abs(score))
             layer._kernel_override = w * keep

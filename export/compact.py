@@ -63,7 +63,6 @@ def plan(net, keep_all=False):
                 entries[name][0] = alive
             target = bn[-1] if bn else producer
             entries[target][2] = factor[alive]
-            entries[layer.name] = [alive, alive, None]
             kept, producer = alive, None
         elif isinstance(layer, CHANNELWISE):
             entries[layer.name] = [kept, kept, None]

@@ -14,7 +14,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from bcs_tf.errors import ConfigError
 from export.options import QUANTIZE
-from export.tflite_sparse import compact
+from export.tflite_sparse import compact, kernel_nonzeros
 RESOLVERS = {"default": OpResolverType.AUTO, "reference": OpResolverType.BUILTIN_REF}
 
 
@@ -109,8 +109,6 @@ def choose_int8_weights(model, representative, sparse):
     Per-tensor scales round a layer's smallest weights (e.g. freshly re-activated connections) to zero; per-
     channel ones keep more of them but store a scale per output channel, a large share of a 99%-sparse file.
     """
-    from export.tflite_sparse import kernel_nonzeros
-
     candidates = {}
     for scales in ("per-tensor", "per-channel"):
         data, notes = convert(model, "int8", sparse, representative, scales)

@@ -181,27 +181,38 @@ def _tensor_array(model, tensor):
     return np.frombuffer(bytes(buf.data), dtype=_DTYPES[tensor.type])
 
 
+OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def op_code(model, op):
+    """The builtin operator code of ``op`` (new and deprecated code fields)."""
+    c = model.operatorCodes[op.opcodeIndex]
+    return max(c.builtinCode, c.deprecatedBuiltinCode)
+
+
+def stored_weight(model, producer, op):
+    """``(stored weight tensor, codes of the DENSIFY / DEQUANTIZE ops between it and ``op``)``; ``producer``
+    maps the subgraph's tensor indices to the ops that write them."""
+    ops = schema.BuiltinOperator
+    t_index, chain = int(op.inputs[1]), []
+    while t_index in producer and op_code(model, producer[t_index]) in (ops.DENSIFY, ops.DEQUANTIZE):
+        chain.append(op_code(model, producer[t_index]))
+        t_index = int(producer[t_index].inputs[0])
+    return t_index, chain
+
+
 def _weighted_ops(model):
     """``(op code, stored weight tensor, codes of the ops between them)`` for every CONV_2D /
     DEPTHWISE_CONV_2D / FULLY_CONNECTED op; weight inputs produced by DENSIFY / DEQUANTIZE chains are followed
     back to their stored constant."""
     ops = schema.BuiltinOperator
     weighted = {ops.CONV_2D, ops.DEPTHWISE_CONV_2D, ops.FULLY_CONNECTED}
-
-    def code(op):
-        c = model.operatorCodes[op.opcodeIndex]
-        return max(c.builtinCode, c.deprecatedBuiltinCode)
-
     for sg in model.subgraphs:
         producer = {int(o): op for op in sg.operators for o in op.outputs}
         for op in sg.operators:
-            if code(op) not in weighted:
-                continue
-            t_index, chain = int(op.inputs[1]), []
-            while t_index in producer and code(producer[t_index]) in (ops.DENSIFY, ops.DEQUANTIZE):
-                chain.append(code(producer[t_index]))
-                t_index = int(producer[t_index].inputs[0])
-            yield code(op), sg.tensors[t_index], chain
+            if op_code(model, op) in weighted:
+                t_index, chain = stored_weight(model, producer, op)
+                yield op_code(model, op), sg.tensors[t_index], chain
 
 
 def kernel_nonzeros(model_bytes):
@@ -221,12 +232,11 @@ def weight_storage(model_bytes):
     when its weight tensor is stored sparse and fed to it directly (the op itself computes sparse), ``"densified"``
     when a DENSIFY op rebuilds the dense weights first (sparse storage, dense compute), ``"dense"`` otherwise."""
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_bytes))
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     found = []
-    for op_code, tensor, chain in _weighted_ops(model):
+    for code, tensor, chain in _weighted_ops(model):
         if schema.BuiltinOperator.DENSIFY in chain:
             storage = "densified"
         else:
             storage = "sparse kernel" if tensor.sparsity is not None else "dense"
-        found.append((names.get(op_code, str(op_code)), storage))
+        found.append((OP_NAMES.get(code, str(code)), storage))
     return found

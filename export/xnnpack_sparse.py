@@ -18,7 +18,7 @@ import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
-from export.tflite_sparse import _tensor_array
+from export.tflite_sparse import OP_NAMES, _tensor_array, op_code, stored_weight
 
 OPS = schema.BuiltinOperator
 ELEMENTWISE = {OPS.RELU, OPS.RELU6, OPS.RELU_N1_TO_1, OPS.LOGISTIC, OPS.HARD_SWISH, OPS.LEAKY_RELU, OPS.ABS,
@@ -32,11 +32,6 @@ def cpu_runs_sparse_inference():
     except OSError:
         return True
     return not (" avx" in flags and ("GenuineIntel" in flags or "AuthenticAMD" in flags))
-
-
-def _code(model, op):
-    c = model.operatorCodes[op.opcodeIndex]
-    return max(c.builtinCode, c.deprecatedBuiltinCode)
 
 
 def _pads(model, sg, op):
@@ -54,28 +49,25 @@ def check(model_bytes):
 
     def weight(op):
         nonlocal sparse_weights
-        t = int(op.inputs[1])
-        if t in producer and _code(model, producer[t]) == OPS.DENSIFY:
-            sparse_weights = True
-            t = int(producer[t].inputs[0])
+        t, chain = stored_weight(model, producer, op)
+        sparse_weights |= OPS.DENSIFY in chain
         tensor = sg.tensors[t]
         return tensor, _tensor_array(model, tensor)
 
     def padding_of(op, options_padding):
         """Explicit (top, bottom, left, right) padding of a conv, following a PAD in front of it."""
         x = int(op.inputs[0])
-        if options_padding == schema.Padding.VALID and x in producer and _code(model, producer[x]) == OPS.PAD:
+        if options_padding == schema.Padding.VALID and x in producer and op_code(model, producer[x]) == OPS.PAD:
             pads = _pads(model, sg, producer[x])
             return None if pads is None else (pads[0][0], pads[0][1], pads[1][0], pads[1][1])
         return "SAME" if options_padding == schema.Padding.SAME else (0, 0, 0, 0)
 
     for op in sg.operators:
-        code = _code(model, op)
+        code = op_code(model, op)
         if code == OPS.CONV_2D:
             tensor, array = weight(op)
             out_c, kh, kw, in_c = [int(d) for d in tensor.shape]
-            opts = schema.Conv2DOptionsT.InitFromPackedBuf(op.builtinOptions.Bytes, op.builtinOptions.Pos) \
-                if hasattr(op.builtinOptions, "Bytes") else op.builtinOptions
+            opts = op.builtinOptions  # Conv2DOptionsT: flatbuffer_utils reads the object API
             stride, pad = (opts.strideH, opts.strideW), padding_of(op, opts.padding)
             if stem is None:
                 stem = (kh, kw, stride, pad, in_c)
@@ -90,8 +82,7 @@ def check(model_bytes):
         elif code == OPS.MEAN and stem is not None and mean is None:
             mean = op
         elif stem is not None and mean is None and code not in ELEMENTWISE | {OPS.DEPTHWISE_CONV_2D, OPS.PAD}:
-            name = {v: k for k, v in vars(OPS).items() if not k.startswith("_")}.get(code, str(code))
-            reasons.append(f"{name} inside the subgraph")
+            reasons.append(f"{OP_NAMES.get(code, str(code))} inside the subgraph")
     if stem is None:
         reasons.append("no convolution to start from")
     if mean is None:

@@ -104,6 +104,16 @@ class Evaluator:
             self._apgd_tf[key] = APGD(self.predict, self.eps, loss=loss, seed=self.seed + restart)
         return self._apgd_tf[key]
 
+    def _on_survivors(self, attack, x, y):
+        """Still-correct booleans after ``attack(x, y, restart)`` ran once per random restart, each time on the
+        examples no earlier restart broke."""
+        robust = self.clean(x, y)
+        for restart in range(self.restarts):
+            idx = np.flatnonzero(robust)
+            if len(idx):
+                robust[idx] = attack(x[idx], y[idx], restart)
+        return robust
+
     def _apgd(self, loss, targeted, max_iter=100):
         from art.attacks.evasion import AutoProjectedGradientDescent
 
@@ -139,25 +149,16 @@ class Evaluator:
     def apgd_ce(self, x, y):
         """APGD with cross-entropy, 100 iterations, ``restarts`` random starts."""
         if self.apgd_version == "tf":
-            robust = self.clean(x, y)
-            for restart in range(self.restarts):
-                idx = np.flatnonzero(robust)
-                if len(idx):
-                    robust[idx] = self._apgd_in_graph(ce_loss, restart)(x[idx], y[idx])
-            return robust
+            return self._on_survivors(lambda xs, ys, restart: self._apgd_in_graph(ce_loss, restart)(xs, ys), x, y)
         x_adv = self._apgd("cross_entropy", False).generate(x, y=y)
         return np.argmax(self.predict(x_adv), 1) == y
 
     def apgd_t(self, x, y):
         """Targeted APGD-DLR against each of the top-9 wrong classes (as AutoAttack's APGD-T)."""
         if self.apgd_version == "tf":
-            robust = self.clean(x, y)
-            for restart in range(self.restarts):
-                idx = np.flatnonzero(robust)
-                if len(idx):
-                    robust[idx] = apgd_targeted(self.predict, x[idx], y[idx], self.eps, batch_size=self.batch_size,
-                                                attack=self._apgd_in_graph(targeted_dlr_loss, restart))
-            return robust
+            return self._on_survivors(
+                lambda xs, ys, restart: apgd_targeted(self.predict, xs, ys, self.eps, batch_size=self.batch_size,
+                                                      attack=self._apgd_in_graph(targeted_dlr_loss, restart)), x, y)
         attack = self._apgd("dlr", True)
         ranking = np.argsort(-np.asarray(self.predict(x)), axis=1)
         robust = self.clean(x, y)

@@ -31,6 +31,8 @@ AA_GAP = 0.10  # AutoAttack this far below PGD-100 is reported as likely gradien
 AA_STANDARD = ("apgd-ce", "apgd-t", "square")  # AutoAttack's standard set minus FAB-T, which ART lacks
 ATTACKS = ("clean", "fgsm", "apgd-ce", "apgd-t", "square", "autoattack", "bb")  # and pgdK for any K ≥ 1
 ATTACK_NAMES = "clean, fgsm, pgdK (e.g. pgd50), apgd-ce, apgd-t, square, autoattack, bb"
+# the attacks whose results depend on the --square / --apgd implementation chosen
+VERSION_USERS = {"square": ("square", "autoattack"), "apgd": ("apgd-ce", "apgd-t", "autoattack")}
 
 
 def pgd_steps(name):
@@ -158,10 +160,9 @@ def _previous_results(out_json, settings):
     saved = {"square": "art", "apgd": "art", **report}  # reports from before the in-graph attacks used ART's
     differs = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     kept = report.get("attacks", {})
-    if "square" in differs and not any(a in kept for a in ("square", "autoattack")):
-        del differs["square"]  # no kept result depends on which Square ran
-    if "apgd" in differs and not any(a in kept for a in ("apgd-ce", "apgd-t", "autoattack")):
-        del differs["apgd"]
+    for version, attacks in VERSION_USERS.items():
+        if version in differs and not any(a in kept for a in attacks):
+            del differs[version]  # no kept result depends on which implementation ran
     if differs:
         raise cli.FlagError(f"--resume: {out_json} was made with other settings (saved, now): {differs}; "
                           "use --overwrite to start afresh")
