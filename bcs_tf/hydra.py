@@ -46,6 +46,7 @@ class HydraScoreTrainer(RobustTrainer):
     def __init__(self, net, objective, attack, allocation, seed=0, **kwargs):
         super().__init__(net, objective, attack, allocation=None, seed=seed, **kwargs)
         self.allocation = allocation
+        self._step_keep = None
         self.prunable = sparse_layers(net)
         for layer in self.prunable:  # weights and (non-BatchNorm) biases frozen, as HYDRA's prune mode
             layer.theta.trainable = False
@@ -71,9 +72,18 @@ class HydraScoreTrainer(RobustTrainer):
                 offset += n
         return keep
 
+    def _attack_and_gradients(self, x, y):
+        # the scores change only in the update after it: one top-k serves the step's attack and its loss
+        self._step_keep = tuple(self._keep())
+        try:
+            return super()._attack_and_gradients(x, y)
+        finally:
+            self._step_keep = None
+
     @contextlib.contextmanager
     def _subnetwork(self, straight_through):
-        for layer, score, keep in zip(self.prunable, self.scores, self._keep()):
+        keep_masks = self._step_keep if self._step_keep is not None else self._keep()
+        for layer, score, keep in zip(self.prunable, self.scores, keep_masks):
             w = tf.stop_gradient(layer.effective_kernel())
             if straight_through:  # value: the 0/1 mask; gradient: d|s|/ds
                 keep = keep + tf.abs(score) - tf.stop_gradient(tf.abs(score))

@@ -271,9 +271,13 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
     seconds = sum(run_seconds(manifest.data["runs"][s.id]) for s in earlier)
     measured_cost = sum(s.cost for s in earlier) if seconds else 0.0
     done_cost, failed = 0.0, []
+    here_seconds = here_cost = 0.0  # this invocation's runs: the machine's load now, once one has trained
     for i, spec in enumerate(specs, start=1):
         run_dir, state = runs_dir / spec.id, states[spec.id]
-        rate = seconds / measured_cost if measured_cost else 45.0
+        if here_cost:
+            rate = here_seconds / here_cost
+        else:
+            rate = seconds / measured_cost if measured_cost else 45.0
         eta = (total_cost - done_cost) * rate
         print(f"[{i}/{n}] {spec.id}: {state}  (ETA of the rest ≈ {eta / 60:.0f} min)", flush=True)
         done_cost += spec.cost
@@ -301,7 +305,7 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
                 failed.append(spec.id)
                 manifest.record(spec.id, status="failed", command=_display(train_cmd), commit=_commit())
                 continue
-            seconds, measured_cost = seconds + wall, measured_cost + spec.cost
+            here_seconds, here_cost = here_seconds + wall, here_cost + spec.cost
         if dry_run:
             continue
         if state != "done":
