@@ -62,6 +62,7 @@ def test_reproduce_resumes_a_killed_run_skips_finished_ones_and_refuses_other_se
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["runs"]) == 7 and all(r["status"] == "finished" for r in manifest["runs"].values())
     assert "--from" in manifest["runs"]["at/fixed_c0.01_s0"]["command"]
+    assert all(len(r["machines"]) == 1 and "cores" in r["machines"][0] for r in manifest["runs"].values())
     for rid in manifest["runs"]:
         metrics = json.loads((out / "runs" / rid / "metrics.json").read_text())
         if metrics["allocation"]:

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,16 @@ def _commit():
         return "unknown"
 
 
+def _machine():
+    """The CPU model and core count: run times are only comparable on the same kind of machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def train_command(spec, runs_dir):
     """The ``python -m training.run`` command line of ``spec`` (``--from`` paths inside ``runs_dir``)."""
     cmd = [sys.executable, "-m", "training.run"]
@@ -293,7 +304,9 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
                 continue
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             cmd = train_cmd + (["--resume"] if state == "resume" else [])
-            manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit())
+            machines = manifest.data["runs"].get(spec.id, {}).get("machines", [])
+            manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(),
+                            machines=sorted(set(machines) | {_machine()}))
             t0 = time.time()
             result = _call(cmd, runs_dir / f"{spec.id}.log")
             wall = time.time() - t0
