@@ -1,10 +1,9 @@
-"""training.reproduce: dependency order, skipping finished runs, resuming a killed one, going on from committed
-results on a new machine, refusing other settings."""
+"""training.reproduce: dependency order, skipping finished runs, stopping on SIGTERM and resuming, going on
+from committed results on a new machine, refusing other settings."""
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ def _reproduce(out, runs, preset="smoke", **popen):
                             start_new_session=True, **popen)
 
 
-def test_reproduce_resumes_a_killed_run_skips_finished_ones_and_refuses_other_settings(tmp_path):
+def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_other_settings(tmp_path):
     out, runs = tmp_path / "results", tmp_path / "runs"
     first = _reproduce(out, runs)
     state = runs / "at" / "dense_s0" / "checkpoint" / "state.json"
@@ -48,9 +47,17 @@ def test_reproduce_resumes_a_killed_run_skips_finished_ones_and_refuses_other_se
         time.sleep(0.05)
     assert state.exists() and json.loads(state.read_text())["epoch"] >= 1, \
         "the first run never wrote its epoch-1 checkpoint"
-    os.killpg(first.pid, signal.SIGKILL)  # the whole process group: reproduce and its training run
-    first.wait()
+    first.terminate()  # SIGTERM to reproduce alone, as a session's end sends it: it stops its training run
+    log, _ = first.communicate(timeout=60)
     assert not (runs / "at" / "dense_s0" / "metrics.json").exists(), "killed too late to test resuming"
+    assert first.returncode == 130 and "stopped: the same command goes on" in log, log
+    with pytest.raises(ProcessLookupError):  # no training process left behind
+        for _ in range(100):
+            os.killpg(first.pid, 0)
+            time.sleep(0.05)
+    stopped = json.loads((out / "manifest.json").read_text())
+    assert stopped["runs"]["at/dense_s0"]["status"] == "stopped"
+    assert stopped["runs"]["at/dense_s0"]["process_seconds"] > 0 and stopped["invocations"][-1]["stopped"]
 
     second = _reproduce(out, runs)
     log, _ = second.communicate(timeout=900)

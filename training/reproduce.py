@@ -17,6 +17,7 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -308,11 +309,16 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
             manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(),
                             machines=sorted(set(machines) | {_machine()}))
             t0 = time.time()
-            result = _call(cmd, runs_dir / f"{spec.id}.log")
-            wall = time.time() - t0
-            # every training process of the run, a stopped one included: what the run cost on this machine
-            spent = manifest.data["runs"][spec.id].get("process_seconds", 0.0)
-            manifest.record(spec.id, process_seconds=spent + wall)
+            try:
+                result = _call(cmd, runs_dir / f"{spec.id}.log")
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run resumes from its checkpoint next time
+                manifest.record(spec.id, status="stopped")
+                raise
+            finally:
+                wall = time.time() - t0
+                # every training process of the run, a stopped one included: what the run cost on this machine
+                spent = manifest.data["runs"][spec.id].get("process_seconds", 0.0)
+                manifest.record(spec.id, process_seconds=spent + wall)
             if result.returncode != 0:
                 print(f"    training failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
                 failed.append(spec.id)
@@ -386,7 +392,12 @@ def main(argv=None):
     the_plan = plan(tables, args.dataset, args.preset, args.seeds, args.full_eval)
     print(f"{len(the_plan.runs)} runs for table(s) {', '.join(tables)} ({args.preset} preset) in {runs_dir}")
     t0 = time.time()
-    failed = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` (e.g. a session's end) stops as Ctrl-C does
+    try:
+        failed, stopped = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run), False
+    except KeyboardInterrupt:
+        failed, stopped = [], True
+        print("stopped: the same command goes on from here (the stopped run resumes from its last checkpoint)")
     if args.dry_run:
         return 0
     from training.tables import write_tables
@@ -397,12 +408,16 @@ def main(argv=None):
                                  "seconds": round(sum(run_seconds(entry) for entry in finished), 1)}
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(),
-         "wall_seconds": time.time() - t0, "failed": failed})
+         "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
     print(f"{len(finished)} finished runs took {manifest.data['measured']['seconds'] / 3600:.2f} h here in all")
     print(f"wrote {', '.join(str(w) for w in written)}; {len(failed)} run(s) failed" if failed else
           f"wrote {', '.join(str(w) for w in written)}")
-    return 1 if failed else 0
+    return 130 if stopped else 1 if failed else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
