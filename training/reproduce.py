@@ -155,11 +155,14 @@ def plan(tables, dataset, preset, seeds, full_eval):
 # ---- execution ---------------------------------------------------------------------------------------------
 
 
-def _commit():
+def _commit(out=None):
+    """HEAD, with ``-dirty`` when tracked files other than the results directory ``out`` have changes."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        inside = out is not None and ROOT in pathlib.Path(out).resolve().parents
+        spec = ["--", ".", f":(exclude){pathlib.Path(out).resolve().relative_to(ROOT)}"] if inside else []
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *spec], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -306,7 +309,7 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             cmd = train_cmd + (["--resume"] if state == "resume" else [])
             machines = manifest.data["runs"].get(spec.id, {}).get("machines", [])
-            manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(),
+            manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(out),
                             machines=sorted(set(machines) | {_machine()}))
             t0 = time.time()
             try:
@@ -322,7 +325,7 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
             if result.returncode != 0:
                 print(f"    training failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
                 failed.append(spec.id)
-                manifest.record(spec.id, status="failed", command=_display(train_cmd), commit=_commit())
+                manifest.record(spec.id, status="failed", command=_display(train_cmd), commit=_commit(out))
                 continue
             here_seconds, here_cost = here_seconds + wall, here_cost + spec.cost
         if dry_run:
@@ -355,7 +358,7 @@ def _collect(spec, runs_dir, out, manifest, train_cmd, eval_cmd):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = manifest.data["runs"].get(spec.id, {})
     manifest.record(spec.id, status="finished", command=_display(train_cmd), evaluate=_display(eval_cmd),
-                    commit=entry.get("commit") or _commit(), train_seconds=metrics["train_seconds"],
+                    commit=entry.get("commit") or _commit(out), train_seconds=metrics["train_seconds"],
                     wall_seconds=metrics["wall_seconds"])
 
 
@@ -407,7 +410,7 @@ def main(argv=None):
     manifest.data["measured"] = {"finished_runs": len(finished),
                                  "seconds": round(sum(run_seconds(entry) for entry in finished), 1)}
     manifest.data.setdefault("invocations", []).append(
-        {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(),
+        {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
     print(f"{len(finished)} finished runs took {manifest.data['measured']['seconds'] / 3600:.2f} h here in all")
