@@ -276,7 +276,19 @@ def run_seconds(entry):
 
 
 def execute(the_plan, runs_dir, out, manifest, dry_run=False):
-    """Train and evaluate every planned run that is not done; returns the ids that failed."""
+    """Train and evaluate every planned run that is not done; returns ``(ids that failed, stopped)``, stopped
+    when Ctrl-C or SIGTERM ended it early (the run it was training is recorded as stopped)."""
+    failed = []
+    try:
+        _execute(the_plan, runs_dir, out, manifest, dry_run, failed)
+    except KeyboardInterrupt:
+        print("stopped: the same command goes on from here (the stopped run resumes from its last checkpoint)")
+        return failed, True
+    return failed, False
+
+
+def _execute(the_plan, runs_dir, out, manifest, dry_run, failed):
+    """:func:`execute`'s loop over the runs; appends the ids that fail to ``failed``."""
     specs = list(the_plan.runs.values())
     states = _states(specs, runs_dir, out, manifest)
     n = len(specs)
@@ -285,7 +297,7 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
     earlier = [s for s in specs if manifest.data["runs"].get(s.id, {}).get("status") == "finished"]
     seconds = sum(run_seconds(manifest.data["runs"][s.id]) for s in earlier)
     measured_cost = sum(s.cost for s in earlier) if seconds else 0.0
-    done_cost, failed = 0.0, []
+    done_cost = 0.0
     here_seconds = here_cost = 0.0  # this invocation's runs: the machine's load now, once one has trained
     for i, spec in enumerate(specs, start=1):
         run_dir, state = runs_dir / spec.id, states[spec.id]
@@ -340,7 +352,6 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False):
                 continue
         _collect(spec, runs_dir, out, manifest, train_cmd,
                  eval_command(spec, runs_dir, the_plan.p["eval_examples"]))
-    return failed
 
 
 def _display(cmd):
@@ -396,11 +407,7 @@ def main(argv=None):
     print(f"{len(the_plan.runs)} runs for table(s) {', '.join(tables)} ({args.preset} preset) in {runs_dir}")
     t0 = time.time()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` (e.g. a session's end) stops as Ctrl-C does
-    try:
-        failed, stopped = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run), False
-    except KeyboardInterrupt:
-        failed, stopped = [], True
-        print("stopped: the same command goes on from here (the stopped run resumes from its last checkpoint)")
+    failed, stopped = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run)
     if args.dry_run:
         return 0
     from training.tables import write_tables
