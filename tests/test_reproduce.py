@@ -84,6 +84,7 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     # a new machine with the committed results but no run directories: only a run whose results are missing is
     # trained, and the dense run it starts from with it
     shutil.rmtree(out / "runs" / "at" / "fixed_c0.01_s0")
+    dense_seconds = manifest["runs"]["at/dense_s0"]["process_seconds"]
     fourth = _reproduce(out, tmp_path / "new-machine-runs")
     log, _ = fourth.communicate(timeout=600)
     assert fourth.returncode == 0, log
@@ -91,6 +92,9 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert sorted(p.parent.name for p in (tmp_path / "new-machine-runs").rglob("metrics.json")) == \
         ["dense_s0", "fixed_c0.01_s0"]
     assert "—" not in (out / "table_bcs.md").read_text().split("| Standard AT (Madry) |")[1]
+    retrained = json.loads((out / "manifest.json").read_text())["runs"]["at/dense_s0"]
+    # the first machine's training of it is set apart, not added to the new run's cost
+    assert retrained["discarded_seconds"] == dense_seconds and 0 < retrained["process_seconds"] != dense_seconds
 
     before = (out / "manifest.json").read_text()
     refused = _reproduce(out, runs, preset="quick")

@@ -320,7 +320,13 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed):
                 continue
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             cmd = train_cmd + (["--resume"] if state == "resume" else [])
-            machines = manifest.data["runs"].get(spec.id, {}).get("machines", [])
+            entry = manifest.data["runs"].get(spec.id, {})
+            machines = entry.get("machines", [])
+            if state == "train" and entry.get("process_seconds"):
+                # an earlier process's checkpoint is gone: its time is set apart, not counted as this run's cost
+                manifest.record(spec.id, process_seconds=0.0, discarded_seconds=entry.get(
+                    "discarded_seconds", 0.0) + entry["process_seconds"])
+                machines = []
             manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(out),
                             machines=sorted(set(machines) | {_machine()}))
             t0 = time.time()
@@ -415,7 +421,9 @@ def main(argv=None):
     written = write_tables(tables, the_plan, out)
     finished = [entry for entry in manifest.data["runs"].values() if entry.get("status") == "finished"]
     manifest.data["measured"] = {"finished_runs": len(finished),
-                                 "seconds": round(sum(run_seconds(entry) for entry in finished), 1)}
+                                 "seconds": round(sum(run_seconds(entry) for entry in finished), 1),
+                                 "discarded_seconds": round(sum(entry.get("discarded_seconds", 0.0)
+                                                                for entry in manifest.data["runs"].values()), 1)}
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
