@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bcs_tf.layers import SparseConv2D, SparseDense  # noqa: E402
@@ -23,6 +24,18 @@ def tiny_sparse_net(connectivity=0.2, seed=0, input_shape=(8, 8, 1), num_classes
     x = keras.layers.Flatten()(x)
     outputs = SparseDense(num_classes, connectivity=connectivity, seed=seed + 1, name="d1")(x)
     return keras.Model(inputs, outputs)
+
+
+def rewiring_steps(trainer, x, y, steps, batch=16):
+    """Train ``trainer`` on ``steps`` successive mini-batches of ``(x, y)``, cycling through them; yields
+    ``(step, units that died in it)`` after each step, so a test can check the network between steps."""
+    batches = len(x) // batch
+    for step in range(steps):
+        before = [np.asarray(layer.theta) > 0 for layer in trainer.sampler.layers]
+        part = slice((step % batches) * batch, (step % batches + 1) * batch)
+        trainer.train_on_batch(x[part], y[part])
+        after = [np.asarray(layer.theta) > 0 for layer in trainer.sampler.layers]
+        yield step, sum(int(np.sum(b & ~a)) for b, a in zip(before, after))
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from bcs_tf.connectivity import ConnectivitySampler, allocate_budget, optimizer_
 from bcs_tf.layers import SparseDense, sparse_layers
 from bcs_tf.objectives import make_objective
 from bcs_tf.trainer import RobustTrainer
-from conftest import tiny_sparse_net
+from conftest import rewiring_steps, tiny_sparse_net
 
 
 def _allocate(net, c, mode):
@@ -46,11 +46,8 @@ def test_count_equals_budget_after_every_step(mode):
     signs = [np.asarray(l.sign).copy() for l in trainer.sampler.layers]
     x, y = _data()
     died = 0
-    for step in range(40):
-        before = [np.asarray(l.theta) > 0 for l in trainer.sampler.layers]
-        trainer.train_on_batch(x[(step % 4) * 16:(step % 4 + 1) * 16], y[(step % 4) * 16:(step % 4 + 1) * 16])
-        after = [np.asarray(l.theta) > 0 for l in trainer.sampler.layers]
-        died += sum(int(np.sum(b & ~a)) for b, a in zip(before, after))
+    for step, dead in rewiring_steps(trainer, x, y, 40):
+        died += dead
         assert _group_counts(trainer, alloc) == list(alloc.budgets), f"step {step}"
         for layer, s in zip(trainer.sampler.layers, signs):
             theta, kernel = np.asarray(layer.theta), np.asarray(layer.kernel)

@@ -18,6 +18,8 @@ from bcs_tf.trainer import RobustTrainer
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
 from training.run import main as train_main
 
+from conftest import rewiring_steps
+
 
 def _tiny(granularity, seed=0):
     """A conv + two dense layers at ``granularity`` (8×8×1 inputs, 4 classes)."""
@@ -61,11 +63,8 @@ def test_budget_is_exact_after_every_step_at_every_granularity(granularity):
     rng = np.random.default_rng(0)
     x, y = rng.uniform(size=(64, 8, 8, 1)).astype("float32"), rng.integers(0, 4, 64).astype("int32")
     moved = 0
-    for step in range(30):
-        before = [np.asarray(layer.theta) > 0 for layer in trainer.sampler.layers]
-        trainer.train_on_batch(x[(step % 4) * 16:(step % 4 + 1) * 16], y[(step % 4) * 16:(step % 4 + 1) * 16])
-        after = [np.asarray(layer.theta) > 0 for layer in trainer.sampler.layers]
-        moved += sum(int(np.sum(b & ~a)) for b, a in zip(before, after))
+    for step, dead in rewiring_steps(trainer, x, y, 30):
+        moved += dead
         assert connectivity_report(net)["active"] == alloc.budgets[0], f"step {step}"
         assert trainer.budget_problem() is None
         for layer in trainer.sampler.layers:
