@@ -73,9 +73,15 @@ def test_smoke_run_writes_a_loadable_model_and_metrics_then_resumes(tmp_path, ca
     assert [h["epoch"] for h in metrics2["history"]] == [1, 2]
     assert metrics2["steps"] == 2 * metrics["steps"]
 
-    # Resuming with different training flags is refused.
+    # Resuming with different training flags is refused, naming them.
     assert main(FAST + ["--epochs", "3", "--lr", "0.5", "--out", str(out), "--resume"]) == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--lr" in err and "--alpha" not in err
+    # A run saved before --alpha had a default per granularity (α written out as 0.0) resumes without the flag.
+    config = json.loads((out / "config.json").read_text())
+    assert config["alpha"] is None and config["effective_alpha"] == 0.0
+    (out / "config.json").write_text(json.dumps({**config, "alpha": 0.0}))
+    assert main(FAST + ["--epochs", "3", "--out", str(out), "--resume"]) == 0
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, capsys):

@@ -152,6 +152,20 @@ def test_block_run_reports_blocks_and_exports_fc_without_densify(block_run):
     assert report["nonzeros"]["exported"] == report["nonzeros"]["expected"] == expected_nonzeros(net)
 
 
+@pytest.mark.parametrize("granularity,alpha,expected", [("channel", None, "channel"), ("weight", None, 0.0),
+                                                         ("block", None, 0.0), ("channel", 0.0, 0.0),
+                                                         ("weight", 2e-4, 2e-4)])
+def test_channel_gates_get_an_l1_prior_of_their_own_by_default(granularity, alpha, expected):
+    from training.config import CHANNEL_ALPHA, RunConfig
+    from training.methods.base import Context
+
+    cfg = RunConfig(method="bcs", granularity=granularity, alpha=alpha, connectivity=0.3)
+    net, allocation = build_model("small_cnn", "bcs", 0.3, granularity=granularity)
+    trainer = Context(cfg, data=None, out=None).trainer(net, allocation, rewire=True)
+    assert trainer.alpha == (CHANNEL_ALPHA if expected == "channel" else expected)
+    assert CHANNEL_ALPHA > 0
+
+
 def test_granularity_is_refused_where_it_is_not_built(tmp_path, capsys):
     assert train_main(["--method", "fixed", "--from", str(tmp_path), "--granularity", "block",
                        "--out", str(tmp_path / "x")]) == 2

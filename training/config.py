@@ -15,6 +15,8 @@ import typing
 from training.cli import FlagError
 
 AUTHORS_NOISE_SIGMA = 1e-6
+# the L1 prior that lets channel gates die and regrow without a measured cost (results/README.md, issue 10)
+CHANNEL_ALPHA = 1e-3
 # The names of the library's registries (tests/test_cli.py checks they match bcs_tf's, which need TensorFlow).
 OBJECTIVE_NAMES = ("natural", "at", "mat", "trades", "mart", "rst")
 MODEL_NAMES = ("small_cnn", "small_cnn_x2", "small_cnn_x4", "vgg16", "resnet18", "wrn28_2", "wrn28_4", "wrn28_10",
@@ -79,7 +81,8 @@ class RunConfig:
                        "per layer", BUDGET_MODES)
     temperature: typing.Optional[float] = flag(None, "sparsity", "Langevin temperature T: noise sqrt(2·lr·T)·N(0,1) "
                                                "on active θ", shown="η₀σ²/2 with the authors' σ=1e-6")
-    alpha: float = flag(0.0, "sparsity", "extra L1 prior α·Σmax(0,θ) (besides the decoupled weight decay)")
+    alpha: typing.Optional[float] = flag(None, "sparsity", "extra L1 prior α·Σmax(0,θ) (besides the decoupled "
+                                         "weight decay)", shown=f"{CHANNEL_ALPHA:g} at --granularity channel, else 0")
     snapshot_epochs: str = flag("1,2", "sparsity", "keep the network weights after these epochs (and before "
                                 "training) in snapshots/, for lottery rewinding", metavar="E1,E2")
     rewind_epoch: int = flag(1, "sparsity", "lottery: rewind surviving weights to this epoch of the --from run "
@@ -143,9 +146,11 @@ class RunConfig:
                 bad(flag, "must be ≥ 1")
         if self.eval_steps < 1:
             bad("eval_steps", "the test PGD needs at least one step")
-        for flag in ("lr", "weight_decay", "eps", "beta", "alpha", "attack_steps", "val_split"):
+        for flag in ("lr", "weight_decay", "eps", "beta", "attack_steps", "val_split"):
             if getattr(self, flag) < 0:
                 bad(flag, "must be ≥ 0")
+        if self.alpha is not None and self.alpha < 0:
+            bad("alpha", "must be ≥ 0")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "must be in [0, 1)")
         if self.attack_step_size is not None and self.attack_step_size < 0:
@@ -238,6 +243,16 @@ class RunConfig:
 
         return temperature_from_sigma(AUTHORS_NOISE_SIGMA, self.lr)
 
+    @property
+    def effective_alpha(self):
+        """L1 prior strength α: ``--alpha``, else CHANNEL_ALPHA for channel gates and 0 for weights and blocks.
+
+        Gates start at θ = 1, far above the weights' |He-normal| magnitudes, so weight decay alone never brings one
+        to zero in a run and channel BCS would train a fixed random choice of channels (docs/design.md)."""
+        if self.alpha is not None:
+            return self.alpha
+        return CHANNEL_ALPHA if self.granularity == "channel" else 0.0
+
     def attack(self):
         """The training attack."""
         from bcs_tf.attacks import AttackConfig
@@ -247,7 +262,7 @@ class RunConfig:
     def to_dict(self):
         """JSON-friendly dict including derived values."""
         return {**dataclasses.asdict(self), "effective_attack_step_size": self.step_size,
-                "effective_temperature": self.effective_temperature}
+                "effective_temperature": self.effective_temperature, "effective_alpha": self.effective_alpha}
 
     @classmethod
     def from_dict(cls, data):

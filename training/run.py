@@ -67,6 +67,14 @@ def parse_args(argv=None):
     return cfg, options
 
 
+def _differing_flags(saved, cfg):
+    """The flags (``--name``) whose values differ between two configs; a default and the value it stands for
+    (``--alpha`` unset and the α it means) are the same, so runs saved before a default was written resume."""
+    saved, cfg = (dataclasses.replace(c, alpha=c.effective_alpha) for c in (saved, cfg))
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cfg)
+            if getattr(saved, f.name) != getattr(cfg, f.name)]
+
+
 def prepare_out_dir(cfg, resume, overwrite):
     """Create ``cfg.out``; refuse to touch an existing run unless ``--resume`` or ``--overwrite``."""
     from bcs_tf.checkpoint import has_checkpoint
@@ -83,9 +91,10 @@ def prepare_out_dir(cfg, resume, overwrite):
             saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"--resume: cannot read {out / 'config.json'}: {exc}") from None
-        if dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps) != cfg:
-            raise cli.FlagError("--resume: the flags differ from the run's config.json (only --epochs and "
-                              "--max-steps may change)")
+        differ = _differing_flags(dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps), cfg)
+        if differ:
+            raise cli.FlagError(f"--resume: the flags differ from the run's config.json in {', '.join(differ)} "
+                                "(only --epochs and --max-steps may change)")
     elif existing and not overwrite:
         raise cli.FlagError(f"--out: {out} is not empty; pass --overwrite to replace it or --resume to continue")
     elif existing:

@@ -64,8 +64,8 @@ class Context:
         """A :class:`RobustTrainer` of ``net`` with this run's objective, attack and sampler settings."""
         cfg = self.cfg
         return RobustTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation=allocation,
-                             rewire=rewire, temperature=cfg.effective_temperature, alpha=cfg.alpha, seed=cfg.seed,
-                             jit=cfg.jit)
+                             rewire=rewire, temperature=cfg.effective_temperature, alpha=cfg.effective_alpha,
+                             seed=cfg.seed, jit=cfg.jit)
 
     def phase(self, name, trainer, epochs, lr=None):
         """Train an earlier phase ``name`` (last-epoch weights kept; resumes from its own checkpoint)."""
