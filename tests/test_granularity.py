@@ -16,6 +16,7 @@ from bcs_tf.models import build_model
 from bcs_tf.objectives import make_objective
 from bcs_tf.trainer import RobustTrainer
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
+from training.config import CHANNEL_ALPHA, RunConfig
 from training.run import main as train_main
 
 from conftest import rewiring_steps
@@ -152,17 +153,16 @@ def test_block_run_reports_blocks_and_exports_fc_without_densify(block_run):
     assert report["nonzeros"]["exported"] == report["nonzeros"]["expected"] == expected_nonzeros(net)
 
 
-@pytest.mark.parametrize("granularity,alpha,expected", [("channel", None, "channel"), ("weight", None, 0.0),
+@pytest.mark.parametrize("granularity,alpha,expected", [("channel", None, CHANNEL_ALPHA), ("weight", None, 0.0),
                                                          ("block", None, 0.0), ("channel", 0.0, 0.0),
                                                          ("weight", 2e-4, 2e-4)])
 def test_channel_gates_get_an_l1_prior_of_their_own_by_default(granularity, alpha, expected):
-    from training.config import CHANNEL_ALPHA, RunConfig
     from training.methods.base import Context
 
     cfg = RunConfig(method="bcs", granularity=granularity, alpha=alpha, connectivity=0.3)
     net, allocation = build_model("small_cnn", "bcs", 0.3, granularity=granularity)
     trainer = Context(cfg, data=None, out=None).trainer(net, allocation, rewire=True)
-    assert trainer.alpha == (CHANNEL_ALPHA if expected == "channel" else expected)
+    assert trainer.alpha == expected
     assert CHANNEL_ALPHA > 0
 
 

@@ -68,9 +68,11 @@ def parse_args(argv=None):
 
 
 def _differing_flags(saved, cfg):
-    """The flags (``--name``) whose values differ between two configs; a default and the value it stands for
-    (``--alpha`` unset and the α it means) are the same, so runs saved before a default was written resume."""
-    saved, cfg = (dataclasses.replace(c, alpha=c.effective_alpha) for c in (saved, cfg))
+    """The flags (``--name``) besides ``--epochs`` and ``--max-steps`` whose values differ between two configs; a
+    default and the value it stands for (``--alpha`` unset and the α it means) are the same, so runs saved before
+    a default was written resume."""
+    saved = dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps, alpha=saved.effective_alpha)
+    cfg = dataclasses.replace(cfg, alpha=cfg.effective_alpha)
     return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cfg)
             if getattr(saved, f.name) != getattr(cfg, f.name)]
 
@@ -91,7 +93,7 @@ def prepare_out_dir(cfg, resume, overwrite):
             saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"--resume: cannot read {out / 'config.json'}: {exc}") from None
-        differ = _differing_flags(dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps), cfg)
+        differ = _differing_flags(saved, cfg)
         if differ:
             raise cli.FlagError(f"--resume: the flags differ from the run's config.json in {', '.join(differ)} "
                                 "(only --epochs and --max-steps may change)")
