@@ -1,9 +1,11 @@
-"""training.reproduce: dependency order, skipping finished runs, stopping on SIGTERM and resuming, going on
-from committed results on a new machine, refusing other settings."""
+"""training.reproduce: dependency order, skipping finished runs, stopping on SIGTERM and resuming, keeping its
+times and tables when killed outright, going on from committed results on a new machine, refusing other
+settings."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,10 +31,10 @@ def test_plan_puts_every_source_run_before_the_runs_that_start_from_it():
     assert set(the_plan.runs["at/bcs_c0.01_s0"].attacks) >= {"clean", "fgsm", "pgd50", "pgd100"}
 
 
-def _reproduce(out, runs, preset="smoke", **popen):
+def _reproduce(out, runs, preset="smoke", heartbeat=30, **popen):
     cmd = [sys.executable, "-m", "training.reproduce", "--table", "bcs", "--dataset", "synthetic", "--preset", preset,
            "--out", str(out), "--runs-dir", str(runs)]
-    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", "BCS_TF_HEARTBEAT_SECONDS": str(heartbeat)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
 
@@ -59,11 +61,29 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert stopped["runs"]["at/dense_s0"]["status"] == "stopped"
     assert stopped["runs"]["at/dense_s0"]["process_seconds"] > 0 and stopped["invocations"][-1]["stopped"]
 
+    # killed outright (SIGKILL, no chance to clean up) while training the second run: the first run's cells and
+    # the second run's time so far are already saved
+    second = _reproduce(out, runs, heartbeat=0.2)
+    state = runs / "at" / "fixed_c0.1_s0" / "checkpoint" / "state.json"
+    deadline = time.time() + 600
+    while second.poll() is None and not state.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(second.pid, signal.SIGKILL)
+    log, _ = second.communicate(timeout=60)
+    assert "[1/7] at/dense_s0: resume" in log and "[2/7] at/fixed_c0.1_s0: train" in log, log
+    assert "resuming" in (runs / "at" / "dense_s0.log").read_text()
+    killed = json.loads((out / "manifest.json").read_text())
+    assert killed["runs"]["at/fixed_c0.1_s0"]["process_seconds"] > 0
+    assert killed["measured"]["finished_runs"] == 1
+    at_row = (out / "table_bcs.md").read_text().split("| Standard AT (Madry) |")[1].splitlines()[0]
+    assert not at_row.strip().startswith("—") and "—" in at_row  # the dense cell only
+
     second = _reproduce(out, runs)
     log, _ = second.communicate(timeout=900)
     assert second.returncode == 0, log
-    assert "[1/7] at/dense_s0: resume" in log
-    assert "resuming" in (runs / "at" / "dense_s0.log").read_text()
+    assert "[1/7] at/dense_s0: done" in log and "[2/7] at/fixed_c0.1_s0: resume" in log, log
+    finished = json.loads((out / "manifest.json").read_text())["runs"]["at/fixed_c0.1_s0"]
+    assert finished["process_seconds"] > killed["runs"]["at/fixed_c0.1_s0"]["process_seconds"]
     table = (out / "table_bcs.md").read_text()
     assert "—" not in table.split("| Standard AT (Madry) |")[1]  # every cell filled
     manifest = json.loads((out / "manifest.json").read_text())

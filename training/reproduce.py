@@ -34,6 +34,8 @@ FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
 # relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
 OBJECTIVE_COST = {"natural": 0.25, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
 RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the evaluation, in the same units
+# how often a training run's time so far is written to the manifest (what a SIGKILL can lose); tests shorten it
+HEARTBEAT_SECONDS = float(os.environ.get("BCS_TF_HEARTBEAT_SECONDS", 30))
 
 PRESETS = {
     # ≈ 75 min for the AT and TRADES rows of the BCS table (+ the natural row) on 2 CPU cores
@@ -207,12 +209,26 @@ def _attacks_done(run_dir, attacks):
     return all(a in report.get("attacks", {}) for a in attacks)
 
 
-def _call(cmd, log):
+def _call(cmd, log, tick=None):
+    """Run ``cmd`` with its output appended to ``log``; while it runs, ``tick(seconds so far)`` is called every
+    :data:`HEARTBEAT_SECONDS`, so a run's time survives this process being killed outright (SIGKILL)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    return subprocess.CompletedProcess(cmd, proc.wait(timeout=HEARTBEAT_SECONDS))
+                except subprocess.TimeoutExpired:
+                    if tick is not None:
+                        tick(time.time() - t0)
+        except BaseException:  # Ctrl-C, SIGTERM: no training process is left behind
+            proc.kill()
+            proc.wait()
+            raise
 
 
 class Manifest:
@@ -275,19 +291,20 @@ def run_seconds(entry):
     return entry.get("process_seconds", entry.get("wall_seconds", 0.0)) + entry.get("eval_seconds", 0.0)
 
 
-def execute(the_plan, runs_dir, out, manifest, dry_run=False):
-    """Train and evaluate every planned run that is not done; returns ``(ids that failed, stopped)``, stopped
-    when Ctrl-C or SIGTERM ended it early (the run it was training is recorded as stopped)."""
+def execute(the_plan, runs_dir, out, manifest, dry_run=False, collected=None):
+    """Train and evaluate every planned run that is not done, calling ``collected()`` after each run whose results
+    reach ``out``; returns ``(ids that failed, stopped)``, stopped when Ctrl-C or SIGTERM ended it early (the run
+    it was training is recorded as stopped)."""
     failed = []
     try:
-        _execute(the_plan, runs_dir, out, manifest, dry_run, failed)
+        _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected)
     except KeyboardInterrupt:
         print("stopped: the same command goes on from here (the stopped run resumes from its last checkpoint)")
         return failed, True
     return failed, False
 
 
-def _execute(the_plan, runs_dir, out, manifest, dry_run, failed):
+def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected):
     """:func:`execute`'s loop over the runs; appends the ids that fail to ``failed``."""
     specs = list(the_plan.runs.values())
     states = _states(specs, runs_dir, out, manifest)
@@ -329,16 +346,16 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed):
                 machines = []
             manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(out),
                             machines=sorted(set(machines) | {_machine()}))
-            t0 = time.time()
+            t0, spent = time.time(), manifest.data["runs"][spec.id].get("process_seconds", 0.0)
             try:
-                result = _call(cmd, runs_dir / f"{spec.id}.log")
+                result = _call(cmd, runs_dir / f"{spec.id}.log",
+                               tick=lambda seconds: manifest.record(spec.id, process_seconds=spent + seconds))
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run resumes from its checkpoint next time
                 manifest.record(spec.id, status="stopped")
                 raise
             finally:
                 wall = time.time() - t0
                 # every training process of the run, a stopped one included: what the run cost on this machine
-                spent = manifest.data["runs"][spec.id].get("process_seconds", 0.0)
                 manifest.record(spec.id, process_seconds=spent + wall)
             if result.returncode != 0:
                 print(f"    training failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
@@ -358,6 +375,8 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed):
                 continue
         _collect(spec, runs_dir, out, manifest, train_cmd,
                  eval_command(spec, runs_dir, the_plan.p["eval_examples"]))
+        if collected is not None:
+            collected()
 
 
 def _display(cmd):
@@ -396,6 +415,21 @@ def build_parser():
     return p
 
 
+def _summarise(tables, the_plan, out, manifest):
+    """Write the tables and figures from the runs collected so far and the manifest's ``measured`` sums; returns
+    the paths written."""
+    from training.tables import write_tables
+
+    written = write_tables(tables, the_plan, out)
+    finished = [entry for entry in manifest.data["runs"].values() if entry.get("status") == "finished"]
+    manifest.data["measured"] = {"finished_runs": len(finished),
+                                 "seconds": round(sum(run_seconds(entry) for entry in finished), 1),
+                                 "discarded_seconds": round(sum(entry.get("discarded_seconds", 0.0)
+                                                                for entry in manifest.data["runs"].values()), 1)}
+    manifest.save()
+    return written
+
+
 @cli.one_line_errors
 def main(argv=None):
     """CLI entry point."""
@@ -413,22 +447,17 @@ def main(argv=None):
     print(f"{len(the_plan.runs)} runs for table(s) {', '.join(tables)} ({args.preset} preset) in {runs_dir}")
     t0 = time.time()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` (e.g. a session's end) stops as Ctrl-C does
-    failed, stopped = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run)
+    # tables and sums after every collected run, so a job killed outright still leaves them up to date
+    failed, stopped = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run,
+                              collected=lambda: _summarise(tables, the_plan, out, manifest))
     if args.dry_run:
         return 0
-    from training.tables import write_tables
-
-    written = write_tables(tables, the_plan, out)
-    finished = [entry for entry in manifest.data["runs"].values() if entry.get("status") == "finished"]
-    manifest.data["measured"] = {"finished_runs": len(finished),
-                                 "seconds": round(sum(run_seconds(entry) for entry in finished), 1),
-                                 "discarded_seconds": round(sum(entry.get("discarded_seconds", 0.0)
-                                                                for entry in manifest.data["runs"].values()), 1)}
+    written = _summarise(tables, the_plan, out, manifest)
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
-    print(f"{len(finished)} finished runs took {manifest.data['measured']['seconds'] / 3600:.2f} h here in all")
+    print(f"{manifest.data['measured']['finished_runs']} finished runs took {manifest.data['measured']['seconds'] / 3600:.2f} h here in all")
     print(f"wrote {', '.join(str(w) for w in written)}; {len(failed)} run(s) failed" if failed else
           f"wrote {', '.join(str(w) for w in written)}")
     return 130 if stopped else 1 if failed else 0
