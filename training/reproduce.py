@@ -457,7 +457,8 @@ def main(argv=None):
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
-    print(f"{manifest.data['measured']['finished_runs']} finished runs took {manifest.data['measured']['seconds'] / 3600:.2f} h here in all")
+    measured = manifest.data["measured"]
+    print(f"{measured['finished_runs']} finished runs took {measured['seconds'] / 3600:.2f} h here in all")
     print(f"wrote {', '.join(str(w) for w in written)}; {len(failed)} run(s) failed" if failed else
           f"wrote {', '.join(str(w) for w in written)}")
     return 130 if stopped else 1 if failed else 0
