@@ -44,6 +44,32 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     assert (out / "metrics.json").read_text() == "precious"
 
 
+def test_a_directory_another_process_holds_is_refused_and_left_alone(tmp_path, capsys):
+    from training import reproduce
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("precious")
+    holder = subprocess.Popen(  # stands in for a training job writing into the same directory
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(300)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flags in (["--overwrite"], ["--resume"], []):
+            assert main(FAST + flags + ["--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: --out") and "in use by another bcs-tf process" in err and "\n" not in err
+        assert reproduce.main(["--dataset", "synthetic", "--preset", "smoke", "--out", str(out)]) == 2
+        assert "in use by another bcs-tf process" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+        assert (out / "metrics.json").read_text() == "precious"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(FAST + ["--epochs", "1", "--overwrite", "--out", str(out)]) == 0  # free again once its holder ends
+
+
 def test_smoke_run_writes_a_loadable_model_and_metrics_then_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(FAST + ["--epochs", "1", "--out", str(out)]) == 0

@@ -61,15 +61,19 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert stopped["runs"]["at/dense_s0"]["status"] == "stopped"
     assert stopped["runs"]["at/dense_s0"]["process_seconds"] > 0 and stopped["invocations"][-1]["stopped"]
 
-    # killed outright (SIGKILL, no chance to clean up) while training the second run: the first run's cells and
-    # the second run's time so far are already saved
+    # reproduce alone killed outright (SIGKILL, no chance to clean up) while training the second run: the first
+    # run's cells and the second run's time so far are already saved, and its training process ends with it
     second = _reproduce(out, runs, heartbeat=0.2)
     state = runs / "at" / "fixed_c0.1_s0" / "checkpoint" / "state.json"
     deadline = time.time() + 600
     while second.poll() is None and not state.exists() and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(second.pid, signal.SIGKILL)
+    os.kill(second.pid, signal.SIGKILL)
     log, _ = second.communicate(timeout=60)
+    with pytest.raises(ProcessLookupError):  # the training process got SIGTERM when its parent died
+        for _ in range(600):
+            os.killpg(second.pid, 0)
+            time.sleep(0.05)
     assert "[1/7] at/dense_s0: resume" in log and "[2/7] at/fixed_c0.1_s0: train" in log, log
     assert "resuming" in (runs / "at" / "dense_s0.log").read_text()
     killed = json.loads((out / "manifest.json").read_text())

@@ -132,6 +132,29 @@ def check_writable(path, flag):
         raise FlagError(f"{flag}: cannot write {path}: {directory} is not writable")
 
 
+@contextlib.contextmanager
+def exclusive(directory, flag):
+    """Hold an exclusive lock on the existing ``directory`` inside the block, so that two bcs-tf commands never
+    write one run or results directory at once; :class:`FlagError` if another process holds it. The kernel
+    releases the lock when its holder ends, even by SIGKILL, so a killed job leaves no stale lock. Without
+    ``fcntl`` (not POSIX) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlagError(f"{flag}: {directory} is in use by another bcs-tf process; wait for it to end or stop "
+                            "it") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """One line of meaning per flag, then its default (unless it has none or is a switch)."""
 

@@ -209,6 +209,14 @@ def _attacks_done(run_dir, attacks):
     return all(a in report.get("attacks", {}) for a in attacks)
 
 
+def _die_with_parent():
+    """In the child, before it runs (Linux): SIGTERM when ``reproduce`` dies, even by SIGKILL, rather than a
+    training run going on alone and holding its directory while the job is started again."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _call(cmd, log, tick=None):
     """Run ``cmd`` with its output appended to ``log``; while it runs, ``tick(seconds so far)`` is called every
     :data:`HEARTBEAT_SECONDS`, so a run's time survives this process being killed outright (SIGKILL)."""
@@ -217,7 +225,8 @@ def _call(cmd, log, tick=None):
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
         t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
             while True:
                 try:
@@ -447,11 +456,19 @@ def main(argv=None):
     print(f"{len(the_plan.runs)} runs for table(s) {', '.join(tables)} ({args.preset} preset) in {runs_dir}")
     t0 = time.time()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` (e.g. a session's end) stops as Ctrl-C does
-    # tables and sums after every collected run, so a job killed outright still leaves them up to date
-    failed, stopped = execute(the_plan, runs_dir, out, manifest, dry_run=args.dry_run,
-                              collected=lambda: _summarise(tables, the_plan, out, manifest))
     if args.dry_run:
+        execute(the_plan, runs_dir, out, manifest, dry_run=True)
         return 0
+    out.mkdir(parents=True, exist_ok=True)
+    with cli.exclusive(out, "--out"):  # one job per results directory: two would overwrite each other's manifest
+        return _reproduce(args, tables, the_plan, runs_dir, out, manifest, t0)
+
+
+def _reproduce(args, tables, the_plan, runs_dir, out, manifest, t0):
+    """:func:`main` once the plan is made and ``out`` is locked: every run, then the tables and the sums."""
+    # tables and sums after every collected run, so a job killed outright still leaves them up to date
+    failed, stopped = execute(the_plan, runs_dir, out, manifest,
+                              collected=lambda: _summarise(tables, the_plan, out, manifest))
     written = _summarise(tables, the_plan, out, manifest)
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(out),

@@ -10,6 +10,7 @@ per-layer connectivity, wall time, config), ``config.json``, ``checkpoint/`` (re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -77,14 +78,19 @@ def _differing_flags(saved, cfg):
             if getattr(saved, f.name) != getattr(cfg, f.name)]
 
 
-def prepare_out_dir(cfg, resume, overwrite):
-    """Create ``cfg.out``; refuse to touch an existing run unless ``--resume`` or ``--overwrite``."""
+def prepare_out_dir(cfg, resume, overwrite, held):
+    """Create ``cfg.out`` and lock it for the rest of ``held`` (a ``contextlib.ExitStack``): an existing one before
+    anything in it is read or replaced, so a second process never resumes or overwrites a run being trained;
+    refuse to touch an existing run unless ``--resume`` or ``--overwrite``."""
     from bcs_tf.checkpoint import has_checkpoint
     from bcs_tf.errors import CheckpointError
 
     out = pathlib.Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise cli.FlagError(f"--out: {out} exists and is not a directory")
+    locked = out.is_dir()
+    if locked:
+        held.enter_context(cli.exclusive(out, "--out"))
     existing = out.is_dir() and any(out.iterdir())
     if resume:
         if not (has_checkpoint(out / "checkpoint") or (out / "phases").is_dir()):
@@ -104,6 +110,8 @@ def prepare_out_dir(cfg, resume, overwrite):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    if not locked:  # a new directory: of two processes that both made it, the second stops here
+        held.enter_context(cli.exclusive(out, "--out"))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     return out
 
@@ -126,48 +134,49 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     if cfg.extra_data:  # checked against the dataset before anything is written
         load_extra_data(cfg.extra_data, data.input_shape, data.num_classes)
     source_cfg = method.check_source(cfg, data.input_shape)  # a wrong --from stops before anything is written
-    out = prepare_out_dir(cfg, resume, overwrite)
-    ctx = Context(cfg, data, out, source_cfg, verbose)
-    with strategy.scope():  # variables mirrored on every replica; fit splits each global batch among them
-        start = method.start(ctx)
-        trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
-        saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose,
-                          snapshots=cfg.snapshots, max_steps=cfg.max_steps)
-    train_seconds = saver.train_seconds if saver.trained else saver.seconds_before
+    with contextlib.ExitStack() as held:  # --out stays locked until the run is written
+        out = prepare_out_dir(cfg, resume, overwrite, held)
+        ctx = Context(cfg, data, out, source_cfg, verbose)
+        with strategy.scope():  # variables mirrored on every replica; fit splits each global batch among them
+            start = method.start(ctx)
+            trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
+            saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose,
+                              snapshots=cfg.snapshots, max_steps=cfg.max_steps)
+        train_seconds = saver.train_seconds if saver.trained else saver.seconds_before
 
-    net = start.net
-    if cfg.precision != "float32":  # test and ship the trained weights at full precision
-        net32, _ = ctx.build(start.kind, precision="float32")
-        net32.set_weights(net.get_weights())
-        net = net32
-    print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
-    clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
-                                    restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
-    check_before_save(trainer, out / "model.keras")  # the shipped network has exactly its budget
-    tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind
-    net.save(tmp)
-    os.replace(tmp, out / "model.keras")
-    metrics = {
-        "test_clean_acc": clean,
-        f"test_pgd{cfg.eval_steps}_acc": robust,
-        "best_epoch": saver.best_epoch,
-        "selected_by": saver.monitor,
-        "steps": int(trainer.optimizer.iterations.numpy()),
-        "train_seconds": train_seconds,
-        "wall_seconds": time.time() - t_start,
-        "connectivity": connectivity_report(net) if cfg.sparse else {"connectivity": 1.0},
-        "allocation": start.allocation.to_dict() if start.allocation else None,
-        "method": {"name": cfg.method, **start.info},
-        "divergence_restores": saver.extra_state.get("restores", []),
-        "input_shape": list(data.input_shape),
-        "data_source": data.source,
-        "history": saver.history,
-        "config": cfg.to_dict(),
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(f"test clean acc {clean:.4f} | PGD-{cfg.eval_steps} acc {robust:.4f} | "
-          f"connectivity {metrics['connectivity']['connectivity']:.4f} | wrote {out}")
-    return metrics
+        net = start.net
+        if cfg.precision != "float32":  # test and ship the trained weights at full precision
+            net32, _ = ctx.build(start.kind, precision="float32")
+            net32.set_weights(net.get_weights())
+            net = net32
+        print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
+        clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
+                                        restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
+        check_before_save(trainer, out / "model.keras")  # the shipped network has exactly its budget
+        tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind
+        net.save(tmp)
+        os.replace(tmp, out / "model.keras")
+        metrics = {
+            "test_clean_acc": clean,
+            f"test_pgd{cfg.eval_steps}_acc": robust,
+            "best_epoch": saver.best_epoch,
+            "selected_by": saver.monitor,
+            "steps": int(trainer.optimizer.iterations.numpy()),
+            "train_seconds": train_seconds,
+            "wall_seconds": time.time() - t_start,
+            "connectivity": connectivity_report(net) if cfg.sparse else {"connectivity": 1.0},
+            "allocation": start.allocation.to_dict() if start.allocation else None,
+            "method": {"name": cfg.method, **start.info},
+            "divergence_restores": saver.extra_state.get("restores", []),
+            "input_shape": list(data.input_shape),
+            "data_source": data.source,
+            "history": saver.history,
+            "config": cfg.to_dict(),
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"test clean acc {clean:.4f} | PGD-{cfg.eval_steps} acc {robust:.4f} | "
+              f"connectivity {metrics['connectivity']['connectivity']:.4f} | wrote {out}")
+        return metrics
 
 
 @cli.one_line_errors
