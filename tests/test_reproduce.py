@@ -4,6 +4,7 @@ settings."""
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -134,3 +135,32 @@ def test_bad_reproduce_flags_give_one_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path, monkeypatch, capsys):
+    from training import reproduce
+
+    the_plan = plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
+    first, second = list(the_plan.runs.values())[:2]
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (runs / first.id).mkdir(parents=True)
+    (runs / first.id / "config.json").write_text("{}")  # a stopped run: resumed
+    manifest = reproduce.Manifest(out / "manifest.json", {"preset": "smoke"})
+    manifest.record(first.id, status="stopped", process_seconds=3000.0)
+
+    def finish_instantly(cmd, log, tick=None):  # the resumed process ends at once: all its cost came before
+        run_dir = pathlib.Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else pathlib.Path(cmd[3])
+        if run_dir.name != pathlib.Path(first.id).name:
+            raise KeyboardInterrupt  # stop once the second run's ETA is printed
+        (run_dir / "metrics.json").write_text(json.dumps({"train_seconds": 3000.0, "wall_seconds": 1.0}))
+        (run_dir / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in first.attacks}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(reproduce, "_call", finish_instantly)
+    monkeypatch.setattr(reproduce, "_collect", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce._execute(the_plan, runs, out, manifest, False, [], collected=None)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[2/"))
+    eta_minutes = float(line.rsplit("≈", 1)[1].split()[0])
+    rest = sum(spec.cost for spec in list(the_plan.runs.values())[1:])
+    assert eta_minutes == pytest.approx(3000.0 / first.cost * rest / 60, rel=0.05)

@@ -371,7 +371,8 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected):
                 failed.append(spec.id)
                 manifest.record(spec.id, status="failed", command=_display(train_cmd), commit=_commit(out))
                 continue
-            here_seconds, here_cost = here_seconds + wall, here_cost + spec.cost
+            # the run's whole training time, not just this process's: a resumed run's full cost is counted
+            here_seconds, here_cost = here_seconds + spent + wall, here_cost + spec.cost
         if dry_run:
             continue
         if state != "done":
