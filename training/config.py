@@ -131,7 +131,8 @@ class RunConfig:
     keep_checkpoints: int = flag(2, "output", "checkpoints kept in checkpoint/ (the newest first)")
     select_by: str = flag("robust", "output", "validation accuracy that chooses the saved epoch",
                           ("robust", "clean"))
-    out: str = flag("runs/default", "output", "run directory (never replaced without --overwrite)", metavar="DIR")
+    out: str = flag("runs/default", "output",
+                    "run directory (never replaced without --overwrite; locked while a process uses it)", metavar="DIR")
 
     def __post_init__(self):
         bad = self._bad

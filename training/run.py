@@ -119,10 +119,7 @@ def prepare_out_dir(cfg, resume, overwrite, held):
 def train(cfg, resume=False, overwrite=False, verbose=1):
     """Run ``cfg.method``'s phases, the final training and the test evaluation; returns the metrics dict."""
     # imported here, not at the top, so that a bad flag is reported before TensorFlow loads
-    from bcs_tf.checkpoint import check_before_save
-    from bcs_tf.connectivity import connectivity_report
     from bcs_tf.data import load_dataset, load_extra_data
-    from bcs_tf.evaluation import robust_accuracy
     from training.distribution import make_strategy
     from training.fitting import fit_phase
     from training.methods import METHODS, Context
@@ -142,41 +139,51 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
             trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
             saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose,
                               snapshots=cfg.snapshots, max_steps=cfg.max_steps)
-        train_seconds = saver.train_seconds if saver.trained else saver.seconds_before
+        return _test_and_save(ctx, start, trainer, saver, t_start)
 
-        net = start.net
-        if cfg.precision != "float32":  # test and ship the trained weights at full precision
-            net32, _ = ctx.build(start.kind, precision="float32")
-            net32.set_weights(net.get_weights())
-            net = net32
-        print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
-        clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
-                                        restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
-        check_before_save(trainer, out / "model.keras")  # the shipped network has exactly its budget
-        tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind
-        net.save(tmp)
-        os.replace(tmp, out / "model.keras")
-        metrics = {
-            "test_clean_acc": clean,
-            f"test_pgd{cfg.eval_steps}_acc": robust,
-            "best_epoch": saver.best_epoch,
-            "selected_by": saver.monitor,
-            "steps": int(trainer.optimizer.iterations.numpy()),
-            "train_seconds": train_seconds,
-            "wall_seconds": time.time() - t_start,
-            "connectivity": connectivity_report(net) if cfg.sparse else {"connectivity": 1.0},
-            "allocation": start.allocation.to_dict() if start.allocation else None,
-            "method": {"name": cfg.method, **start.info},
-            "divergence_restores": saver.extra_state.get("restores", []),
-            "input_shape": list(data.input_shape),
-            "data_source": data.source,
-            "history": saver.history,
-            "config": cfg.to_dict(),
-        }
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(f"test clean acc {clean:.4f} | PGD-{cfg.eval_steps} acc {robust:.4f} | "
-              f"connectivity {metrics['connectivity']['connectivity']:.4f} | wrote {out}")
-        return metrics
+
+def _test_and_save(ctx, start, trainer, saver, t_start):
+    """The end of :func:`train`: test clean and PGD accuracy, write ``model.keras`` and ``metrics.json``."""
+    from bcs_tf.checkpoint import check_before_save
+    from bcs_tf.connectivity import connectivity_report
+    from bcs_tf.evaluation import robust_accuracy
+
+    cfg, data, out, verbose = ctx.cfg, ctx.data, ctx.out, ctx.verbose
+    train_seconds = saver.train_seconds if saver.trained else saver.seconds_before
+
+    net = start.net
+    if cfg.precision != "float32":  # test and ship the trained weights at full precision
+        net32, _ = ctx.build(start.kind, precision="float32")
+        net32.set_weights(net.get_weights())
+        net = net32
+    print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
+    clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
+                                    restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
+    check_before_save(trainer, out / "model.keras")  # the shipped network has exactly its budget
+    tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind
+    net.save(tmp)
+    os.replace(tmp, out / "model.keras")
+    metrics = {
+        "test_clean_acc": clean,
+        f"test_pgd{cfg.eval_steps}_acc": robust,
+        "best_epoch": saver.best_epoch,
+        "selected_by": saver.monitor,
+        "steps": int(trainer.optimizer.iterations.numpy()),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.time() - t_start,
+        "connectivity": connectivity_report(net) if cfg.sparse else {"connectivity": 1.0},
+        "allocation": start.allocation.to_dict() if start.allocation else None,
+        "method": {"name": cfg.method, **start.info},
+        "divergence_restores": saver.extra_state.get("restores", []),
+        "input_shape": list(data.input_shape),
+        "data_source": data.source,
+        "history": saver.history,
+        "config": cfg.to_dict(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"test clean acc {clean:.4f} | PGD-{cfg.eval_steps} acc {robust:.4f} | "
+          f"connectivity {metrics['connectivity']['connectivity']:.4f} | wrote {out}")
+    return metrics
 
 
 @cli.one_line_errors
