@@ -116,8 +116,9 @@ def prepare_out_dir(cfg, resume, overwrite, held):
     return out
 
 
-def train(cfg, resume=False, overwrite=False, verbose=1):
-    """Run ``cfg.method``'s phases, the final training and the test evaluation; returns the metrics dict."""
+def train(cfg, held, resume=False, overwrite=False, verbose=1):
+    """Run ``cfg.method``'s phases, the final training and the test evaluation; returns the metrics dict.
+    ``cfg.out`` stays locked until ``held`` (a ``contextlib.ExitStack``) closes."""
     # imported here, not at the top, so that a bad flag is reported before TensorFlow loads
     from bcs_tf.data import load_dataset, load_extra_data
     from training.distribution import make_strategy
@@ -131,15 +132,14 @@ def train(cfg, resume=False, overwrite=False, verbose=1):
     if cfg.extra_data:  # checked against the dataset before anything is written
         load_extra_data(cfg.extra_data, data.input_shape, data.num_classes)
     source_cfg = method.check_source(cfg, data.input_shape)  # a wrong --from stops before anything is written
-    with contextlib.ExitStack() as held:  # --out stays locked until the run is written
-        out = prepare_out_dir(cfg, resume, overwrite, held)
-        ctx = Context(cfg, data, out, source_cfg, verbose)
-        with strategy.scope():  # variables mirrored on every replica; fit splits each global batch among them
-            start = method.start(ctx)
-            trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
-            saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose,
-                              snapshots=cfg.snapshots, max_steps=cfg.max_steps)
-        return _test_and_save(ctx, start, trainer, saver, t_start)
+    out = prepare_out_dir(cfg, resume, overwrite, held)
+    ctx = Context(cfg, data, out, source_cfg, verbose)
+    with strategy.scope():  # variables mirrored on every replica; fit splits each global batch among them
+        start = method.start(ctx)
+        trainer = ctx.trainer(start.net, start.allocation, rewire=start.rewire)
+        saver = fit_phase(trainer, cfg, data, out, cfg.epochs, lr=start.lr, verbose=verbose,
+                          snapshots=cfg.snapshots, max_steps=cfg.max_steps)
+    return _test_and_save(ctx, start, trainer, saver, t_start)
 
 
 def _test_and_save(ctx, start, trainer, saver, t_start):
@@ -191,11 +191,12 @@ def main(argv=None):
     """CLI entry point: flags checked before TensorFlow loads; one-line errors (exit 2) for bad input."""
     cfg, options = parse_args(argv)
     cli.import_tensorflow(options["verbose"])
-    train(cfg, options["resume"], options["overwrite"], options["verbose"])
-    if not options["no_report"]:
-        from training.report import write_reports
+    with contextlib.ExitStack() as held:  # --out stays locked until its reports are written too
+        train(cfg, held, options["resume"], options["overwrite"], options["verbose"])
+        if not options["no_report"]:
+            from training.report import write_reports
 
-        write_reports([cfg.out])
+            write_reports([cfg.out])
     return 0
 
 
