@@ -3,8 +3,10 @@
 The algorithm of the authors' ``APGDAttack`` / ``APGDAttack_targeted``: a random start in the ε-ball, step size
 η = 2ε, momentum 0.75 after the first step, and at the checkpoints p_0 = 0, p_1 = 0.22,
 p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) (fractions of the iterations) the step is halved and the
-iterate restarted from the best point, per example, when fewer than 75% of the steps since the last checkpoint
-raised the loss, or when neither η nor the best loss changed since then. An example counts as broken as soon
+iterate restarted from the best point, per example, when at most 75% of the steps since the last checkpoint
+raised the loss (the authors' ``check_oscillation``: ``t <= k·ρ``), or when neither η nor the best loss changed
+since then. As in their code, the first step of the first interval is compared with 0 (their ``loss_steps``
+buffer starts as zeros), not with the loss at the random start. An example counts as broken as soon
 as any iterate is misclassified.
 
 The whole run is one ``tf.while_loop`` over iterations with per-example state (ART instead returns to Python
@@ -45,6 +47,12 @@ def targeted_dlr_loss(logits, y, target):
     return -(z_y - z_t) / (ranked[:, 0] - 0.5 * (ranked[:, 2] + ranked[:, 3]) + 1e-12)
 
 
+def oscillating(increases, interval, rho):
+    """The authors' step-halving test: at most ``rho`` of the ``interval`` steps since the last checkpoint raised
+    the loss (``t <= k·k3`` in ``check_oscillation``; ``<`` would keep the step size on a tie)."""
+    return increases <= rho * interval
+
+
 class APGD:
     """``APGD(predict, eps, n_iter, loss)(x, y, target=None)`` → boolean array: still correctly classified after
     the attack (``loss`` is ``ce_loss`` or ``targeted_dlr_loss``). ``predict`` maps images in [0, 1] to logits."""
@@ -73,7 +81,9 @@ class APGD:
         x_adv = project(x + eps * t / tf.reshape(t_max, shape))
         loss, grad, fooled = self._loss_and_grad(x_adv, y, target)
         step = tf.fill([n], 2.0 * eps)
-        state = dict(x_adv=x_adv, x_prev=x_adv, grad=grad, loss=loss, fooled=fooled, best_loss=loss, x_best=x_adv,
+        # ``loss`` is the previous step's loss, which the first step is compared with: 0, as in the authors' code
+        state = dict(x_adv=x_adv, x_prev=x_adv, grad=grad, loss=tf.zeros_like(loss), fooled=fooled, best_loss=loss,
+                     x_best=x_adv,
                      step=step, grad_best=grad, increases=tf.zeros([n]), last_best=loss,
                      step_reduced=tf.ones([n], tf.bool), since=tf.constant(0.0))
 
@@ -94,7 +104,7 @@ class APGD:
                        last_best=s["last_best"], step=s["step"], step_reduced=s["step_reduced"], since=since)
 
             def at_checkpoint():
-                too_few = increases < self.rho * since
+                too_few = oscillating(increases, since, self.rho)
                 stalled = ~s["step_reduced"] & (s["last_best"] >= best_loss)
                 halve = too_few | stalled
                 restart = tf.reshape(halve, shape)
@@ -105,12 +115,16 @@ class APGD:
             return k + 1, tf.cond(self._marks[k + 1], at_checkpoint, lambda: new)
 
         _, final = tf.while_loop(lambda k, s: k < self.n_iter, body, (tf.constant(0), state))
-        return ~final["fooled"]
+        return ~final["fooled"], final["best_loss"], final["step"]
 
-    def __call__(self, x, y, target=None):
+    def run(self, x, y, target=None):
+        """``(still correct, best loss, final step size)`` per example."""
         y = tf.constant(np.asarray(y, np.int32))
         target = y if target is None else tf.constant(np.asarray(target, np.int32))
-        return np.asarray(self._run(tf.constant(x, tf.float32), y, target))
+        return tuple(np.asarray(v) for v in self._run(tf.constant(x, tf.float32), y, target))
+
+    def __call__(self, x, y, target=None):
+        return self.run(x, y, target)[0]
 
 
 def apgd_targeted(predict, x, y, eps, n_iter=100, n_targets=9, seed=0, batch_size=256, attack=None):

@@ -6,9 +6,9 @@ top-k (``m + |s| − stop_gradient(|s|)``), as in the authors' ``GetSubnet``. We
 biases stay frozen; BatchNorm keeps training (their default ``freeze_bn=False``). Scores start at HYDRA's
 "scaled score init" ``sqrt(6 / fan_in) · w / max|w|`` per layer.
 
-Unlike HYDRA, whose k is per layer, the top-k follows the budget groups of the allocation: per layer with
-``--budget layer``, one global top-k over all layers with ``--budget global`` (the scaled init makes scores
-of different layers comparable, as it does for HYDRA's per-layer k).
+The top-k follows the budget groups of the allocation: per layer, HYDRA's own rule (k = round(c·n) in every
+layer; ``training.run``'s default for ``--method hydra``), or, as a named variant (``--budget global``, labelled
+"HYDRA (global k)" wherever it appears), one top-k over all layers.
 """
 
 from __future__ import annotations

@@ -35,11 +35,11 @@ def load_run(run_dir):
         if not sizes:
             raise CheckpointError(f"{model_path} has no sparse layers but config.json says connectivity "
                                   f"{cfg.connectivity} with method {cfg.method}")
-        budget = sum(allocate_budget(sizes, cfg.connectivity, cfg.budget).budgets)
+        budget = sum(allocate_budget(sizes, cfg.connectivity, cfg.effective_budget).budgets)
         active = connectivity_report(model)["active"]
         if active != budget:
             raise CheckpointError(f"{model_path} has {active} active connections but its run claims a budget of "
-                                  f"{budget} (connectivity {cfg.connectivity}, budget {cfg.budget}); refusing")
+                                  f"{budget} (connectivity {cfg.connectivity}, budget {cfg.effective_budget}); refusing")
     else:
         budget = None
     return model, cfg, budget

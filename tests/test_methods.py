@@ -48,7 +48,6 @@ def _exact_budget(metrics):
     ("fixed", []),
     ("hydra", ["--score-epochs", "1"]),
     ("lottery", ["--prune-rounds", "2", "--round-epochs", "1"]),
-    ("lottery", ["--prune-rounds", "2", "--round-epochs", "1", "--reinit"]),
 ])
 def test_every_pruning_method_hits_its_exact_budget(tmp_path, dense_run, method, extra, budget):
     out = tmp_path / method
@@ -69,6 +68,17 @@ def test_every_pruning_method_hits_its_exact_budget(tmp_path, dense_run, method,
         assert metrics["method"]["round_connectivities"] == pytest.approx([0.05 ** 0.5, 0.05])
     if method == "hydra":
         assert (out / "phases" / "hydra_scores" / "checkpoint" / "state.json").is_file()
+
+
+def test_iwi_refuses_a_channel_granular_source(tmp_path, capsys):
+    src = tmp_path / "channel"
+    assert main(FAST + ["--method", "bcs", "--granularity", "channel", "--connectivity", "0.5", "--max-steps", "2",
+                        "--out", str(src)]) == 0
+    capsys.readouterr()
+    assert main(FAST + ["--method", "iwi", "--from", str(src), "--model", "small_cnn_x2", "--connectivity", "1",
+                        "--out", str(tmp_path / "iwi")]) == 2
+    assert "channel-granular" in capsys.readouterr().err
+    assert not (tmp_path / "iwi").exists()
 
 
 def test_iwi_trains_the_large_network_from_the_small_one(tmp_path, small_sparse_run):
@@ -188,18 +198,18 @@ def test_hydra_scores_learn_while_weights_stay_frozen_and_the_mask_is_their_top_
             assert np.all(effective[~mask] == 0) and np.count_nonzero(effective[mask]) == mask.sum()
 
 
-def _lottery_start(tmp_path, dense_run, reinit):
+def _lottery_start(tmp_path, dense_run):
     from bcs_tf.data import load_dataset
     from training.methods import METHODS, Context
 
     cfg = RunConfig(method="lottery", objective="at", from_run=str(dense_run), connectivity=0.1, dataset="synthetic",
-                    val_split=128, prune_rounds=1, rewind_epoch=1, reinit=reinit, out=str(tmp_path / "x"))
+                    val_split=128, prune_rounds=1, rewind_epoch=1, out=str(tmp_path / "x"))
     data = load_dataset("synthetic", val_split=128)
     source_cfg = METHODS["lottery"].check_source(cfg, data.input_shape)
     return METHODS["lottery"].start(Context(cfg, data, tmp_path / "x", source_cfg, verbose=0))
 
 
-def test_lottery_rewinds_survivors_to_the_early_weights_and_reinit_does_not(tmp_path, dense_run):
+def test_lottery_rewinds_survivors_to_the_early_weights(tmp_path, dense_run):
     early, _ = build_model("small_cnn", "dense", 1.0, input_shape=(28, 28, 1))
     early.load_weights(dense_run / "snapshots" / "epoch_1.weights.h5")
     final, _ = build_model("small_cnn", "dense", 1.0, input_shape=(28, 28, 1))
@@ -207,19 +217,61 @@ def test_lottery_rewinds_survivors_to_the_early_weights_and_reinit_does_not(tmp_
     w_early, w_final = kernels(early), kernels(final)
     assert any(np.any(w_early[k] != w_final[k]) for k in w_early)  # the dense run did move its weights
 
-    rewound = _lottery_start(tmp_path, dense_run, reinit=False)
-    fresh = _lottery_start(tmp_path, dense_run, reinit=True)
-    layers_r, layers_f = sparse_layers(rewound.net), sparse_layers(fresh.net)
+    rewound = _lottery_start(tmp_path, dense_run)
+    layers_r = sparse_layers(rewound.net)
     magnitudes = [np.abs(w_final[layer.name]) for layer in layers_r]
     expected = magnitude_masks(magnitudes, rewound.allocation)  # the mask ranks the *final* dense weights
-    for layer_r, layer_f, mask in zip(layers_r, layers_f, expected):
-        k_r, k_f = keras.ops.convert_to_numpy(layer_r.kernel), keras.ops.convert_to_numpy(layer_f.kernel)
+    for layer_r, mask in zip(layers_r, expected):
+        k_r = keras.ops.convert_to_numpy(layer_r.kernel)
         np.testing.assert_array_equal(k_r != 0, mask)
-        np.testing.assert_array_equal(k_f != 0, mask)  # same mask for the control
         np.testing.assert_allclose(k_r[mask], np.where(np.abs(w_early[layer_r.name][mask]) < 1e-12,
                                                        np.sign(w_early[layer_r.name][mask]) * 1e-12,
                                                        w_early[layer_r.name][mask]), rtol=0, atol=1e-12)
-        assert not np.allclose(k_f[mask], w_early[layer_f.name][mask])
+
+
+def _masks_and_kernels(run_dir):
+    net = keras.models.load_model(run_dir / "model.keras")
+    return {layer.name: (keras.ops.convert_to_numpy(layer.theta) > 0, keras.ops.convert_to_numpy(layer.kernel))
+            for layer in sparse_layers(net)}
+
+
+def test_reinit_trains_exactly_the_rewound_tickets_masks_from_a_fresh_start(tmp_path, dense_run):
+    ticket, control = tmp_path / "ticket", tmp_path / "reinit"
+    common = FAST + ["--method", "lottery", "--connectivity", "0.05", "--max-steps", "3"]
+    assert main(common + ["--from", str(dense_run), "--prune-rounds", "2", "--round-epochs", "1",
+                          "--out", str(ticket)]) == 0
+    assert main(common + ["--from", str(ticket), "--reinit", "--out", str(control)]) == 0
+    a, b = _masks_and_kernels(ticket), _masks_and_kernels(control)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name][0], b[name][0])  # identical masks (a Jaccard index of 1)
+    assert any(not np.allclose(a[n][1][a[n][0]], b[n][1][b[n][0]]) for n in a)  # but other weights
+    assert _metrics(control)["method"]["restart"].startswith("fresh initialisation")
+
+
+@pytest.mark.parametrize("source", ["dense", "other_connectivity"])
+def test_reinit_refuses_a_source_that_is_not_a_matching_ticket(tmp_path, dense_run, source, capsys):
+    if source == "dense":
+        src = dense_run
+    else:
+        src = tmp_path / "ticket"
+        assert main(FAST + ["--method", "lottery", "--connectivity", "0.1", "--max-steps", "2", "--from",
+                            str(dense_run), "--prune-rounds", "1", "--out", str(src)]) == 0
+    capsys.readouterr()
+    assert main(FAST + ["--method", "lottery", "--connectivity", "0.05", "--reinit", "--from", str(src),
+                        "--out", str(tmp_path / "c")]) == 2
+    assert "--reinit" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_hydra_keeps_k_per_layer_by_default(tmp_path, dense_run):
+    out = tmp_path / "hydra"
+    assert main(FAST + ["--method", "hydra", "--from", str(dense_run), "--connectivity", "0.05", "--score-epochs",
+                        "1", "--max-steps", "2", "--out", str(out)]) == 0
+    metrics = _metrics(out)
+    _, allocation = build_model("small_cnn", "random", 0.05, "layer")
+    assert [v["active"] for v in metrics["connectivity"]["layers"].values()] == list(allocation.budgets)
+    assert metrics["config"]["effective_budget"] == "layer" and metrics["config"]["budget"] is None
 
 
 @pytest.mark.parametrize("small_name,large_name,shape", [("small_cnn", "small_cnn_x2", (28, 28, 1)),

@@ -69,7 +69,8 @@ class RunConfig:
     method: str = flag("bcs", "sparsity", "bcs = Langevin rewiring; random = fixed random mask; dense = plain "
                        "Keras layers; fixed/hydra/lottery/iwi start from --from (README: Baselines)", METHOD_NAMES)
     from_run: typing.Optional[str] = flag(None, "sparsity", "the finished run fixed/hydra/lottery prune (a dense "
-                                          "one) or iwi inherits from (a small sparse one)", metavar="RUN_DIR")
+                                          "one), iwi inherits from (a small sparse one) or lottery --reinit "
+                                          "re-initialises (a rewound ticket)", metavar="RUN_DIR")
     connectivity: float = flag(0.01, "sparsity", "fraction of active kernel entries, in (0, 1]; 1 = dense, "
                                "0.01 = 99%% sparsity", metavar="C")
     granularity: str = flag("weight", "sparsity", "what one connection is: a weight; a 1×B block of a dense "
@@ -77,8 +78,9 @@ class RunConfig:
                             "channel/unit (export compacts the network)", GRANULARITY_NAMES)
     block_size: int = flag(4, "sparsity", "B of --granularity block: 4 for LiteRT's float32 sparse FC kernel, 16 "
                            "for its int8 one")
-    budget: str = flag("global", "sparsity", "one budget int(C·Σ sizes) over all layers (authors), or round(C·n) "
-                       "per layer", BUDGET_MODES)
+    budget: typing.Optional[str] = flag(None, "sparsity", "global: one budget int(C·Σ sizes) over all layers "
+                                        "(the BCS authors'); layer: round(C·n) in every layer (HYDRA's rule)",
+                                        BUDGET_MODES, shown="layer for hydra, else global")
     temperature: typing.Optional[float] = flag(None, "sparsity", "Langevin temperature T: noise sqrt(2·lr·T)·N(0,1) "
                                                "on active θ", shown="η₀σ²/2 with the authors' σ=1e-6")
     alpha: typing.Optional[float] = flag(None, "sparsity", "extra L1 prior α·Σmax(0,θ) (besides the decoupled "
@@ -87,8 +89,8 @@ class RunConfig:
                                 "training) in snapshots/, for lottery rewinding", metavar="E1,E2")
     rewind_epoch: int = flag(1, "sparsity", "lottery: rewind surviving weights to this epoch of the --from run "
                              "(0 = its initialisation)")
-    reinit: bool = flag(False, "sparsity", "lottery control: the same masks with a fresh initialisation instead "
-                        "of rewinding")
+    reinit: bool = flag(False, "sparsity", "lottery control: train the --from ticket's final masks (a rewound "
+                        "lottery run) from a fresh initialisation")
     prune_rounds: int = flag(3, "sparsity", "lottery: rounds of iterative magnitude pruning, the same fraction "
                              "pruned in each")
     round_epochs: typing.Optional[int] = flag(None, "sparsity", "lottery: epochs of every round but the last",
@@ -138,7 +140,8 @@ class RunConfig:
         bad = self._bad
         for field in dataclasses.fields(self):
             allowed = field.metadata["choices"]
-            if allowed and getattr(self, field.name) not in allowed:
+            if allowed and getattr(self, field.name) not in allowed and not (
+                    field.default is None and getattr(self, field.name) is None):
                 bad(field.name, f"must be one of {', '.join(allowed)}")
         if not 0.0 < self.connectivity <= 1.0:
             bad("connectivity", "must be in (0, 1] (1 = dense)")
@@ -254,6 +257,13 @@ class RunConfig:
             return self.alpha
         return CHANNEL_ALPHA if self.granularity == "channel" else 0.0
 
+    @property
+    def effective_budget(self):
+        """``--budget``, else HYDRA's own rule (k per layer) for hydra and the BCS authors' global budget otherwise."""
+        if self.budget is not None:
+            return self.budget
+        return "layer" if self.method == "hydra" else "global"
+
     def attack(self):
         """The training attack."""
         from bcs_tf.attacks import AttackConfig
@@ -263,7 +273,8 @@ class RunConfig:
     def to_dict(self):
         """JSON-friendly dict including derived values."""
         return {**dataclasses.asdict(self), "effective_attack_step_size": self.step_size,
-                "effective_temperature": self.effective_temperature, "effective_alpha": self.effective_alpha}
+                "effective_temperature": self.effective_temperature, "effective_alpha": self.effective_alpha,
+                "effective_budget": self.effective_budget}
 
     @classmethod
     def from_dict(cls, data):

@@ -72,8 +72,9 @@ def _differing_flags(saved, cfg):
     """The flags (``--name``) besides ``--epochs`` and ``--max-steps`` whose values differ between two configs; a
     default and the value it stands for (``--alpha`` unset and the α it means) are the same, so runs saved before
     a default was written resume."""
-    saved = dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps, alpha=saved.effective_alpha)
-    cfg = dataclasses.replace(cfg, alpha=cfg.effective_alpha)
+    saved = dataclasses.replace(saved, epochs=cfg.epochs, max_steps=cfg.max_steps, alpha=saved.effective_alpha,
+                                budget=saved.effective_budget)
+    cfg = dataclasses.replace(cfg, alpha=cfg.effective_alpha, budget=cfg.effective_budget)
     return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(cfg)
             if getattr(saved, f.name) != getattr(cfg, f.name)]
 

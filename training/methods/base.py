@@ -52,7 +52,7 @@ class Context:
         """``(net, allocation)`` of this run's model built from ``kind`` layers (see :func:`build_model`)."""
         cfg = self.cfg
         return build_model(cfg.model, kind, cfg.connectivity if connectivity is None else connectivity,
-                           cfg.budget, cfg.seed if seed is None else seed, self.data.input_shape,
+                           cfg.effective_budget, cfg.seed if seed is None else seed, self.data.input_shape,
                            self.data.num_classes, precision=precision or cfg.precision,
                            granularity=cfg.granularity, block_size=cfg.block_size)
 

@@ -32,4 +32,4 @@ class Fixed(Method):
         dense = ctx.source_model()
         net, allocation = prune_by_magnitude(ctx, ctx.cfg.connectivity, dense, dense)
         return Start(net, allocation, "random", ctx.cfg.lr, {"from": ctx.cfg.from_run, "pruning": "one-shot global "
-                     "magnitude" if ctx.cfg.budget == "global" else "one-shot per-layer magnitude"})
+                     "magnitude" if ctx.cfg.effective_budget == "global" else "one-shot per-layer magnitude"})

@@ -22,6 +22,10 @@ class InverseWeightsInheritance(Method):
                               f"({large.family})")
         if small.width > large.width:
             raise ConfigError(f"--from: {source.model} is wider than {cfg.model}; IWI grows a small network")
+        if source.granularity == "channel":
+            raise ConfigError(f"--from: {cfg.from_run} is channel-granular; IWI copies kernels and BatchNorm, so "
+                              "its channel gates would be dropped and the inherited network would compute "
+                              "something else (inherit from a weight- or block-granular run)")
         if not source.sparse:
             raise ConfigError(f"--from: {cfg.from_run} is dense; IWI inherits from a small sparse network")
         return source
