@@ -12,6 +12,7 @@ import sys
 
 from export.options import FORMATS, QUANTIZE, default_out
 from training import cli
+from training.config import finished_network
 
 
 def build_parser():
@@ -53,8 +54,9 @@ def parse_args(argv=None):
     if args.quantize != "none" and args.format != "tflite":
         raise cli.FlagError(f"--quantize applies to --format tflite only. Received: --format {args.format} "
                             f"--quantize {args.quantize}")
-    if not (pathlib.Path(args.run_dir) / "model.keras").is_file():
-        raise cli.FlagError(f"{args.run_dir} has no model.keras (is it a finished `training.run` output?)")
+    if finished_network(args.run_dir) is None:
+        raise cli.FlagError(f"{args.run_dir} has no model.keras or network.npz (is it a finished `training.run` "
+                            "output or an archived run of a results directory?)")
     out = pathlib.Path(args.out) if args.out else default_out(args.run_dir, args.format, args.quantize)
     if out.exists() and not args.overwrite:
         raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")

@@ -20,7 +20,7 @@ from export import onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
 from export.options import default_out
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
 from training.cli import native_output
-from training.config import load_finished_run
+from training.config import finished_network, load_finished_run
 
 DEFAULT_EXAMPLES = 2000  # test images of the verification when --n-examples is not given
 
@@ -28,7 +28,7 @@ DEFAULT_EXAMPLES = 2000  # test images of the verification when --n-examples is 
 def load_run(run_dir):
     """(model, config, claimed budget) of a run directory; refuses runs whose sparsity is not as claimed."""
     cfg, model = load_finished_run(run_dir)
-    model_path = pathlib.Path(run_dir) / "model.keras"
+    model_path = finished_network(run_dir)
     layers = sparse_layers(model)
     if cfg.sparse:
         sizes = [layer.kernel_size_total for layer in layers]

@@ -14,7 +14,7 @@ from training import cli, flagdoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIS = ("training.run", "training.evaluate", "training.pseudolabel", "training.reproduce", "training.report",
-        "training.flagdoc", "export.__main__", "export.predict")
+        "training.archive", "training.flagdoc", "export.__main__", "export.predict")
 # one bad invocation per CLI that its TensorFlow-free checks must catch
 BAD = {
     "training.run": ["--connectivity", "0"],
@@ -22,6 +22,7 @@ BAD = {
     "training.pseudolabel": ["runs/none", "--out", "x.npz", "--labelled-fraction", "2"],
     "training.reproduce": ["--table", "nope"],
     "training.report": ["runs/none"],
+    "training.archive": ["runs/none"],
     "export.__main__": ["runs/none", "--format", "onnx", "--quantize", "int8"],
     "export.predict": ["missing.tflite"],
 }

@@ -283,23 +283,43 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def finished_network(run_dir):
+    """The file holding a finished run's network: ``model.keras``, else the archive ``network.npz`` (a results
+    directory keeps only that), else None."""
+    run_dir = pathlib.Path(run_dir)
+    for name in ("model.keras", "network.npz"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
 def load_finished_run(run_dir):
-    """``(RunConfig, model)`` of a directory written by ``training.run``; CheckpointError when it is not one."""
+    """``(RunConfig, model)`` of a directory written by ``training.run`` (or of a results directory's archived
+    run); CheckpointError when it is not one."""
     import keras
 
     import bcs_tf  # noqa: F401  (registers the sparse layers for load_model)
     from bcs_tf.errors import CheckpointError
 
     run_dir = pathlib.Path(run_dir)
-    if not (run_dir / "model.keras").is_file():
-        raise CheckpointError(f"{run_dir} has no model.keras (is it a finished `training.run` output?)")
+    path = finished_network(run_dir)
+    if path is None:
+        raise CheckpointError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` "
+                              "output?)")
+    if path.suffix == ".npz":
+        from bcs_tf.archive import load_archive
+
+        meta, model = load_archive(path)
+        try:
+            return RunConfig.from_dict(meta["config"]), model
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path} carries no readable run config: {exc}") from None
     try:
         cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {exc}") from None
     try:
-        model = keras.models.load_model(run_dir / "model.keras")
+        model = keras.models.load_model(path)
     except Exception as exc:  # Keras raises many kinds for a damaged archive
-        raise CheckpointError(f"cannot load {run_dir / 'model.keras'}: {type(exc).__name__}: {str(exc)[:200]}") \
-            from None
+        raise CheckpointError(f"cannot load {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
     return cfg, model

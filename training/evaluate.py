@@ -21,6 +21,7 @@ import sys
 import time
 
 from training import cli
+from training.config import finished_network
 
 ORDER = ("clean", "fgsm", "pgd50", "pgd100", "autoattack")
 TABLE_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-100", "pgd100"),
@@ -87,7 +88,8 @@ def markdown_table(results, eps, n):
 def build_parser():
     """The ``training.evaluate`` parser."""
     p = cli.parser("python -m training.evaluate", __doc__)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`, or a "
+                   "results directory's archived run (network.npz)")
     attack = p.add_argument_group("attack")
     attack.add_argument("--attacks", metavar="A1,A2", help=f"comma-separated, run in this order: {ATTACK_NAMES}",
                         default="clean,fgsm,pgd50,pgd100,apgd-ce,apgd-t,autoattack,bb")
@@ -129,8 +131,9 @@ def check_args(args):
     if args.eps is not None and args.eps < 0:
         raise cli.FlagError(f"--eps must be ≥ 0. Received: {args.eps}")
     run_dir = pathlib.Path(args.run_dir)
-    if not (run_dir / "model.keras").is_file():
-        raise cli.FlagError(f"{run_dir} has no model.keras (is it a finished `training.run` output?)")
+    if finished_network(run_dir) is None:
+        raise cli.FlagError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` output "
+                            "or an archived run of a results directory?)")
     out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"
     if (out_json.exists() or out_md.exists()) and not (args.overwrite or args.resume):
         raise cli.FlagError(f"{out_json} exists; pass --resume to continue it or --overwrite to replace it")
