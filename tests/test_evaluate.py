@@ -136,6 +136,11 @@ def test_standard_autoattack_reuses_its_components_and_is_the_worst_case():
     robust = ev._outcomes["autoattack"][0]
     for name in ("apgd-ce", "apgd-t"):
         assert not np.any(robust & ~ev._outcomes[name][0])
+    # each part's share: the accuracy left after it, falling to AutoAttack's own
+    stages = ev.stages
+    assert list(stages) == ["clean", "apgd-ce", "apgd-t", "square"]
+    assert stages["clean"] >= stages["apgd-ce"] >= stages["apgd-t"] >= stages["square"] == aa
+    assert stages["apgd-ce"] == results["apgd-ce"]
 
 
 def test_arts_autoattack_class_runs_and_breaks_examples():

@@ -222,7 +222,8 @@ class Evaluator:
         return robust
 
     def run(self, name, x, y):
-        """Accuracy under attack ``name`` on ``(x, y)`` and the seconds it took."""
+        """Accuracy under attack ``name`` on ``(x, y)`` and the seconds it took (after the standard AutoAttack,
+        ``stages`` holds the accuracy left after each of its parts)."""
         if self._outcomes_for is not x:
             self._outcomes, self._outcomes_for = {}, x
         if name == "autoattack" and self.autoattack_version == "standard":
@@ -252,6 +253,7 @@ class Evaluator:
         """
         robust, seconds = self._outcomes.get("clean") or self.run_batches(self.clean, x, y)
         robust = robust.copy()
+        self.stages = {"clean": float(np.mean(robust))}
         for name in AA_STANDARD:
             if name in self._outcomes:
                 outcome, took = self._outcomes[name]
@@ -263,6 +265,7 @@ class Evaluator:
                 outcome, took = self.run_batches(self.resolve(name), x[idx], y[idx])
                 robust[idx] = outcome
             seconds += took
+            self.stages[name] = float(np.mean(robust))
         return robust, seconds
 
     def resolve(self, name):

@@ -203,6 +203,8 @@ def evaluate(args, names):
         acc, seconds = ev.run(name, x, y)
         results[name] = {"accuracy": acc, "n": int(len(x)), "seconds": seconds,
                          "seconds_per_1000": 1000 * seconds / len(x)}
+        if name == "autoattack" and args.autoattack == "standard":  # what each part took: accuracy left after it
+            results[name]["after"] = dict(ev.stages)
         _write_report(out_json, out_md, settings, results)
     problems = _write_report(out_json, out_md, settings, results)
     print(out_md.read_text())

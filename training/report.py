@@ -135,10 +135,12 @@ def plot_attacks(ax, runs):
     ax.grid(alpha=0.3, axis="y")
 
 
-def save_figure(fig, path):
-    """Write ``fig`` to ``path`` (parents created) and close it; returns ``path``."""
+def save_figure(fig, path, layout=True):
+    """Write ``fig`` to ``path`` (parents created) and close it; returns ``path``. ``layout=False`` keeps a layout
+    the caller made."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
     return path

@@ -29,21 +29,27 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TABLES = ("bcs", "hydra", "sparsity")
 BCS_OBJECTIVES = ("natural", "at", "mat", "trades", "mart")  # the rows of the BCS paper's tables
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
-SPARSITY_METHODS = ("fixed", "lottery", "lottery_reinit", "bcs", "hydra")
+SPARSITY_METHODS = ("fixed", "lottery", "lottery_rw0", "lottery_reinit", "bcs", "hydra")
 FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
+AA_ATTACKS = ("clean", "autoattack")  # eval_aa.json: AutoAttack (and the clean accuracy it starts from)
 # relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
 OBJECTIVE_COST = {"natural": 0.25, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
 RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the evaluation, in the same units
+AA_COST = 5.0  # AutoAttack on 1,000 test images of small_cnn, in the same units
 # how often a training run's time so far is written to the manifest (what a SIGKILL can lose); tests shorten it
 HEARTBEAT_SECONDS = float(os.environ.get("BCS_TF_HEARTBEAT_SECONDS", 30))
+ARCHIVE = "network.npz"  # a run's network as results/ keeps it (python -m training.archive)
 
 PRESETS = {
-    # ≈ 75 min for the AT and TRADES rows of the BCS table (+ the natural row) on 2 CPU cores
-    "quick": {"epochs": 5, "val_split": 1000, "eval_examples": 1000, "bcs_objectives": ("natural", "at", "trades"),
-              "sparsity_epochs": 3, "prune_rounds": 2, "round_epochs": 1, "eps": 0.1},
+    # 3 seeds of every robust cell, compute-matched controls, PGD-50 on all 10,000 test images and AutoAttack on
+    # 1,000 for the 99% models and the 90% BCS / Fixed / HYDRA ones (results/README.md: ≈ 15-20 h here)
+    "quick": {"epochs": 5, "val_split": 1000, "eval_examples": 10000, "bcs_objectives": ("natural", "at", "trades"),
+              "sparsity_epochs": 3, "prune_rounds": 2, "round_epochs": 1, "eps": 0.1, "seeds": 3, "matched": True,
+              "aa_examples": 1000},
     # a few seconds per run on the synthetic task: for tests of the orchestration, not for results
     "smoke": {"epochs": 2, "val_split": 128, "eval_examples": 64, "bcs_objectives": ("at",), "sparsity_epochs": 1,
               "prune_rounds": 2, "round_epochs": 1, "eps": 0.1},
+    # the one-seed 20-epoch table of results/fashion_mnist-full (its settings stay as they were made)
     "full": {"epochs": 20, "val_split": 5000, "eval_examples": 1000, "bcs_objectives": BCS_OBJECTIVES,
              "sparsity_epochs": 20, "prune_rounds": 3, "round_epochs": 10, "eps": 0.1},
 }
@@ -51,38 +57,58 @@ PRESETS = {
 
 @dataclasses.dataclass
 class RunSpec:
-    """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation."""
+    """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation
+    (``attacks`` on the preset's ``eval_examples`` into eval.json; ``aa``: AutoAttack on ``aa_examples`` into
+    eval_aa.json)."""
 
     id: str
     flags: dict
     deps: tuple = ()
     attacks: tuple = ("clean", "pgd50")
+    aa: bool = False
+
+    @property
+    def total_epochs(self):
+        """Epochs of this run's own phases (score learning and intermediate pruning rounds included)."""
+        epochs = self.flags["epochs"]
+        if self.flags["method"] == "hydra":  # training.run's default score phase when the flag is not given
+            epochs += self.flags.get("score_epochs") or max(1, round(0.2 * self.flags["epochs"]))
+        if self.flags["method"] == "lottery" and not self.flags.get("reinit"):
+            epochs += (self.flags["prune_rounds"] - 1) * self.flags["round_epochs"]
+        return epochs
 
     @property
     def cost(self):
         """Estimated cost in AT-epoch units (for the ETA)."""
-        epochs = self.flags["epochs"] + self.flags.get("score_epochs", 0)
-        if self.flags["method"] == "lottery":
-            epochs += (self.flags["prune_rounds"] - 1) * self.flags["round_epochs"]
         width = {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
-        return (epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * width
+        return ((self.total_epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * width
+                + (AA_COST * width if self.aa else 0.0))
 
 
 def _conn(sparsity):
     return round(1.0 - sparsity, 6)
 
 
+def _wants_aa(objective, method, connectivity):
+    """AutoAttack for every robust 99% model and for the 90% BCS, Fixed and HYDRA ones (and their controls)."""
+    return objective != "natural" and method != "dense" and (connectivity <= 0.01 or method in ("bcs", "fixed",
+                                                                                                   "hydra"))
+
+
 class Plan:
-    """The runs the requested tables need, deduplicated, in dependency order."""
+    """The runs the requested tables need, deduplicated, in dependency order and, across tables, in the order of
+    value (see :func:`plan`)."""
 
     def __init__(self, dataset, preset, seeds, full_eval):
-        self.dataset, self.p, self.seeds, self.full_eval = dataset, PRESETS[preset], seeds, full_eval
+        self.dataset, self.p, self.full_eval = dataset, PRESETS[preset], full_eval
+        self.seeds = seeds or self.p.get("seeds", 1)
         self.runs = {}
 
     def add(self, spec):
         if spec.id in self.runs:
             old = self.runs[spec.id]
             old.attacks = tuple(dict.fromkeys(old.attacks + spec.attacks))
+            old.aa = old.aa or spec.aa
             return old
         for dep in spec.deps:
             if dep not in self.runs:
@@ -104,28 +130,54 @@ class Plan:
             flags["select_by"] = "clean"
         if source:
             flags["from"] = source
-        return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks))).id
+        aa = bool(self.p.get("aa_examples")) and _wants_aa(objective, method, connectivity)
+        return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks), aa)).id
 
-    def bcs_table(self):
+    @property
+    def matched_epochs(self):
+        """Total epochs of Fixed (dense pre-training + fine-tuning): what the compute-matched controls train."""
+        return 2 * self.p["epochs"]
+
+    def _bcs_cells(self, objective, seed, connectivities):
+        dense = self.run(objective, "dense", 1.0, seed)
+        for c in connectivities:
+            self.run(objective, "fixed", c, seed, source=dense)
+            self.run(objective, "random", c, seed)
+            self.run(objective, "bcs", c, seed)
+            if self.p.get("matched") and objective != "natural":
+                e = self.matched_epochs
+                self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}")
+                self.run(objective, "random", c, seed, epochs=e, tag=f"_e{e}")
+        return dense
+
+    def _robust_objectives(self):
+        return [o for o in self.p["bcs_objectives"] if o != "natural"]
+
+    def bcs_99(self):
+        """The 99% columns of the robust rows (with their compute-matched controls), seed by seed."""
+        for seed in range(self.seeds):
+            for objective in self._robust_objectives():
+                self._bcs_cells(objective, seed, (0.01,))
+
+    def bcs_rest(self):
+        """The 90% columns, the long dense control and the natural-training row."""
         for seed in range(self.seeds):
             for objective in self.p["bcs_objectives"]:
-                dense = self.run(objective, "dense", 1.0, seed)
-                # the runs that start from the dense one right after it: a reproduction spread over machines
-                # whose run directories are not kept then rarely has to train a source run again
-                for c in (0.1, 0.01):
-                    self.run(objective, "fixed", c, seed, source=dense)
-                for c in (0.1, 0.01):
-                    self.run(objective, "random", c, seed)
-                    self.run(objective, "bcs", c, seed)
+                self._bcs_cells(objective, seed, (0.1, 0.01))
+                if self.p.get("matched") and objective != "natural":
+                    self.run(objective, "dense", 1.0, seed, epochs=self.matched_epochs, tag=f"_e{self.matched_epochs}")
 
     def hydra_table(self):
         attacks = ("clean", "fgsm", "pgd50", "pgd100")
         for seed in range(self.seeds):
             for objective in ("at", "trades"):
                 dense = self.run(objective, "dense", 1.0, seed)
-                for c in (0.1, 0.01):
+                for c in (0.01, 0.1):
                     self.run(objective, "hydra", c, seed, source=dense, attacks=attacks)
                     self.run(objective, "bcs", c, seed, attacks=attacks)
+                    if self.p.get("matched"):
+                        e = self.matched_epochs
+                        self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}", attacks=attacks)
 
     def sparsity_table(self):
         p = self.p
@@ -133,24 +185,37 @@ class Plan:
         lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
         for seed in range(self.seeds):
             dense = self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")
-            small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
-            self.run("at", "iwi", 1.0, seed, epochs=e, source=small, tag=f"_x2_e{e}", model="small_cnn_x2")
-            self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
             # the extremes first, so a stopped reproduction has the most telling cells
             for s in sorted(SPARSITIES[1:], key=lambda s: (s not in (0.99, 0.9), -s)):
                 c = _conn(s)
                 self.run("at", "fixed", c, seed, epochs=e, source=dense, tag=f"_e{e}")
-                self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
-                self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_reinit_e{e}", reinit=True, **lottery)
+                ticket = self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
+                self.run("at", "lottery", c, seed, epochs=e, source=ticket, tag=f"_reinit_e{e}", reinit=True)
+                if p.get("matched"):
+                    self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_rw0_e{e}", rewind_epoch=0,
+                             **lottery)
                 self.run("at", "bcs", c, seed, epochs=e, tag=f"_e{e}")
                 self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+                if p.get("matched"):  # BCS for as many epochs as Fixed spends (dense pre-training included)
+                    self.run("at", "bcs", c, seed, epochs=2 * e, tag=f"_e{2 * e}")
+            if p.get("matched"):
+                self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_e{2 * e}")
+            small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
+            self.run("at", "iwi", 1.0, seed, epochs=e, source=small, tag=f"_x2_e{e}", model="small_cnn_x2")
+            self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
+            if p.get("matched"):  # plain AT of the large network for IWI's total (small network + IWI)
+                self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_x2_e{2 * e}", model="small_cnn_x2")
 
 
-def plan(tables, dataset, preset, seeds, full_eval):
-    """The :class:`Plan` of ``tables``."""
+def plan(tables, dataset, preset, seeds=None, full_eval=False):
+    """The :class:`Plan` of ``tables`` (``seeds`` None: the preset's). Across tables the runs come in the order of
+    value: the 99% columns of the robust BCS rows with their controls, then HYDRA, then the rest of the BCS
+    table, then the sparsity table and IWI."""
     p = Plan(dataset, preset, seeds, full_eval)
-    for table in tables:
-        getattr(p, f"{table}_table")()
+    for table, part in (("bcs", p.bcs_99), ("hydra", p.hydra_table), ("bcs", p.bcs_rest),
+                        ("sparsity", p.sparsity_table)):
+        if table in tables:
+            part()
     return p
 
 
@@ -195,18 +260,30 @@ def train_command(spec, runs_dir):
     return cmd + ["--out", str(runs_dir / spec.id), "--verbose", "2"]
 
 
-def eval_command(spec, runs_dir, n_examples):
-    """The ``python -m training.evaluate`` command line of ``spec``."""
-    return [sys.executable, "-m", "training.evaluate", str(runs_dir / spec.id), "--attacks", ",".join(spec.attacks),
-            "--n-examples", str(n_examples), "--resume", "--verbose", "2"]
+def eval_commands(spec, runs_dir, p):
+    """``{report name: python -m training.evaluate command line}`` of ``spec``: eval.json with its attacks on the
+    preset's ``eval_examples``, and eval_aa.json with AutoAttack on ``aa_examples`` when the spec asks for it."""
+    def command(name, attacks, n):
+        return [sys.executable, "-m", "training.evaluate", str(runs_dir / spec.id), "--attacks", ",".join(attacks),
+                "--n-examples", str(n), "--name", name, "--resume", "--verbose", "2", "--no-report"]
+
+    commands = {"eval": command("eval", spec.attacks, p["eval_examples"])}
+    if spec.aa:
+        commands["eval_aa"] = command("eval_aa", AA_ATTACKS, p["aa_examples"])
+    return commands
 
 
-def _attacks_done(run_dir, attacks):
-    try:
-        report = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return all(a in report.get("attacks", {}) for a in attacks)
+def _attacks_done(run_dir, spec):
+    """Whether ``run_dir`` holds every report of ``spec`` (and the archived network, where the run is here)."""
+    wanted = {"eval": spec.attacks, **({"eval_aa": AA_ATTACKS} if spec.aa else {})}
+    for name, attacks in wanted.items():
+        try:
+            report = json.loads((run_dir / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not all(a in report.get("attacks", {}) for a in attacks):
+            return False
+    return True
 
 
 def _die_with_parent():
@@ -279,10 +356,11 @@ def _states(specs, runs_dir, out, manifest):
     for spec in specs:
         run_dir = runs_dir / spec.id
         if (run_dir / "metrics.json").is_file():
-            states[spec.id] = "done" if _attacks_done(run_dir, spec.attacks) else "evaluate"
+            done = _attacks_done(run_dir, spec) and (run_dir / ARCHIVE).is_file()
+            states[spec.id] = "done" if done else "evaluate"
         elif (manifest.data["runs"].get(spec.id, {}).get("status") == "finished"
               and (out / "runs" / spec.id / "metrics.json").is_file()
-              and _attacks_done(out / "runs" / spec.id, spec.attacks)):
+              and _attacks_done(out / "runs" / spec.id, spec)):
             states[spec.id] = "collected"
         else:
             states[spec.id] = "resume" if (run_dir / "config.json").is_file() else "train"
@@ -375,18 +453,34 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected):
             here_seconds, here_cost = here_seconds + spent + wall, here_cost + spec.cost
         if dry_run:
             continue
-        if state != "done":
-            t0 = time.time()
-            result = _call(eval_command(spec, runs_dir, the_plan.p["eval_examples"]), runs_dir / f"{spec.id}.log")
-            manifest.record(spec.id, eval_seconds=time.time() - t0)
-            if result.returncode not in (0, 3):  # 3 = order-check warning, reported in eval.json
-                print(f"    evaluation failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
-                failed.append(spec.id)
-                continue
-        _collect(spec, runs_dir, out, manifest, train_cmd,
-                 eval_command(spec, runs_dir, the_plan.p["eval_examples"]))
+        evals = eval_commands(spec, runs_dir, the_plan.p)
+        if state != "done" and not _evaluate(spec, runs_dir, manifest, evals):
+            failed.append(spec.id)
+            continue
+        _collect(spec, runs_dir, out, manifest, train_cmd, evals)
         if collected is not None:
             collected()
+
+
+def _evaluate(spec, runs_dir, manifest, evals):
+    """Run the evaluations of ``spec`` (each resumes what an earlier one wrote) and archive its network; returns
+    whether all succeeded."""
+    log = runs_dir / f"{spec.id}.log"
+    t0, spent = time.time(), manifest.data["runs"].get(spec.id, {}).get("eval_seconds", 0.0)
+    try:
+        for name, cmd in evals.items():
+            result = _call(cmd, log)
+            if result.returncode not in (0, 3):  # 3 = order-check warning, reported in the report itself
+                print(f"    evaluation {name} failed (exit {result.returncode}); see {log}")
+                return False
+        if not (runs_dir / spec.id / ARCHIVE).is_file():
+            result = _call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log)
+            if result.returncode != 0:
+                print(f"    archiving the network failed (exit {result.returncode}); see {log}")
+                return False
+    finally:
+        manifest.record(spec.id, eval_seconds=spent + time.time() - t0)
+    return True
 
 
 def _display(cmd):
@@ -394,16 +488,18 @@ def _display(cmd):
     return " ".join(["python"] + [str(c).replace(str(ROOT) + os.sep, "") for c in cmd[1:]])
 
 
-def _collect(spec, runs_dir, out, manifest, train_cmd, eval_cmd):
-    """Copy the run's metrics and evaluation into ``out/runs/ID`` and record the run in the manifest."""
+def _collect(spec, runs_dir, out, manifest, train_cmd, evals):
+    """Copy the run's metrics, evaluations and archived network into ``out/runs/ID`` and record the run in the
+    manifest."""
     run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id
     dest.mkdir(parents=True, exist_ok=True)
-    for path in [run_dir / "metrics.json", *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
+    for path in [run_dir / "metrics.json", run_dir / ARCHIVE, *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
         if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
             shutil.copyfile(path, dest / path.name)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = manifest.data["runs"].get(spec.id, {})
-    manifest.record(spec.id, status="finished", command=_display(train_cmd), evaluate=_display(eval_cmd),
+    manifest.record(spec.id, status="finished", command=_display(train_cmd),
+                    evaluate=" && ".join(_display(cmd) for cmd in evals.values()),
                     commit=entry.get("commit") or _commit(out), train_seconds=metrics["train_seconds"],
                     wall_seconds=metrics["wall_seconds"])
 
@@ -416,10 +512,12 @@ def build_parser():
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS),
                    help="run lengths: quick (5 epochs, ≈ 83 min for the BCS table here), full (20 epochs, all "
                    "five objectives), smoke (seconds, for tests)")
-    p.add_argument("--seeds", type=cli.positive(int), default=1, help="seeds per cell (mean ± std when > 1)")
+    p.add_argument("--seeds", type=cli.positive(int), default=None,
+                   help="seeds per cell (mean ± std and paired intervals when > 1); default: the preset's (quick 3, "
+                   "else 1)")
     p.add_argument("--full-eval", action="store_true",
                    help=f"evaluate every run with {', '.join(FULL_ATTACKS)} (default: clean and PGD-50)")
-    p.add_argument("--out", default=None, help="results directory (default: results/DATASET)")
+    p.add_argument("--out", default=None, help="results directory (default: results/DATASET-PRESET)")
     p.add_argument("--runs-dir", default=None, help="run directories (default: runs/reproduce/DATASET-PRESET)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is done, train nothing")
     return p
@@ -448,7 +546,7 @@ def main(argv=None):
     unknown = [t for t in tables if t not in TABLES]
     if unknown or not tables:
         raise cli.FlagError(f"--table: choose from {', '.join(TABLES)} or all. Received: {args.table!r}")
-    out = pathlib.Path(args.out or f"results/{args.dataset}")
+    out = pathlib.Path(args.out or f"results/{args.dataset}-{args.preset}")
     runs_dir = pathlib.Path(args.runs_dir or f"runs/reproduce/{args.dataset}-{args.preset}").resolve()
     settings = {"dataset": args.dataset, "preset": args.preset, **{k: list(v) if isinstance(v, tuple) else v
                                                                     for k, v in PRESETS[args.preset].items()}}

@@ -1,7 +1,9 @@
-"""Tables and figures of ``training.reproduce`` from the runs' ``metrics.json`` and ``eval.json``.
+"""Tables and figures of ``training.reproduce`` from the runs' ``metrics.json``, ``eval.json`` and ``eval_aa.json``.
 
 Cells are accuracies in % on the evaluated test images, ``mean ± std`` over seeds when there are several; a
-run that has not finished (or not been evaluated) shows as ``—``.
+run that has not finished (or not been evaluated) shows as ``—``. Every cell says how many epochs its runs
+trained in all (a source run's epochs included), so runs of different budgets are never compared unlabelled.
+The comparisons themselves (paired differences with intervals and verdicts) are in :mod:`training.claims`.
 """
 
 from __future__ import annotations
@@ -15,104 +17,165 @@ ATTACK_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-
                ("B&B∞", "bb"), ("AA∞", "autoattack"))
 OBJECTIVE_NAMES = {"natural": "Natural training", "at": "Standard AT (Madry)", "mat": "Mixed-batch AT",
                    "trades": "TRADES", "mart": "MART"}
-SPARSITY_LABELS = {"fixed": "adversarial magnitude pruning (Fixed)", "lottery": "lottery ticket (rewind)",
-                   "lottery_reinit": "lottery re-init (control)", "bcs": "BCS", "hydra": "HYDRA"}
+SPARSITY_LABELS = {"fixed": "Fixed (one-shot adversarial pruning)", "lottery": "lottery ticket (rewind to epoch 1)",
+                   "lottery_rw0": "lottery ticket (rewind to epoch 0)",
+                   "lottery_reinit": "lottery re-init (the epoch-1 ticket's masks, fresh start)", "bcs": "BCS",
+                   "hydra": "HYDRA"}
+REPORTS = ("eval", "eval_aa")  # where an attack's accuracy is looked up, in this order
 
 
 class Results:
-    """Accuracies of the planned runs, grouped over seeds."""
+    """Accuracies of the planned runs, grouped over seeds (a group is a run id without its ``_sN``)."""
 
     def __init__(self, the_plan, runs_dir):
         self.plan, self.runs_dir = the_plan, runs_dir
         self.groups = {}
         for rid in the_plan.runs:
-            self.groups.setdefault(re.sub(r"_s\d+$", "", rid), []).append(rid)
+            self.groups.setdefault(group_of(rid), []).append(rid)
 
-    def accuracies(self, group, attack):
-        """Accuracies of ``attack`` over the seeds of ``group`` that have it."""
-        values = []
+    def report(self, rid, name):
+        try:
+            return json.loads((self.runs_dir / rid / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def value(self, rid, attack):
+        """Accuracy (fraction) of run ``rid`` under ``attack``, or None."""
+        for name in REPORTS:
+            report = self.report(rid, name)
+            if report and attack in report.get("attacks", {}):
+                return report["attacks"][attack]["accuracy"]
+        return None
+
+    def by_seed(self, group, attack):
+        """``{seed: accuracy in %}`` of ``attack`` over the seeds of ``group`` that have it."""
+        values = {}
         for rid in self.groups.get(group, []):
-            try:
-                report = json.loads((self.runs_dir / rid / "eval.json").read_text())
-                values.append(report["attacks"][attack]["accuracy"])
-            except (OSError, ValueError, KeyError):
-                continue
+            value = self.value(rid, attack)
+            if value is not None:
+                values[int(rid.rsplit("_s", 1)[1])] = 100 * value
         return values
 
     def cell(self, group, attack):
         """``mean`` or ``mean ± std`` in %, or ``—``."""
-        values = 100 * np.asarray(self.accuracies(group, attack))
+        values = np.asarray(list(self.by_seed(group, attack).values()))
         if not len(values):
             return "—"
         return f"{values.mean():.1f}" if len(values) == 1 else f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
     def mean(self, group, attack):
-        values = self.accuracies(group, attack)
-        return 100 * float(np.mean(values)) if values else None
+        values = list(self.by_seed(group, attack).values())
+        return float(np.mean(values)) if values else None
 
-    def pair(self, group, robust="pgd50"):
-        """``clean / robust``."""
-        return f"{self.cell(group, 'clean')} / {self.cell(group, robust)}"
+    def triple(self, group):
+        """``clean / PGD-50 / AA`` (AA left out where it was not run)."""
+        cells = [self.cell(group, "clean"), self.cell(group, "pgd50")]
+        aa = self.cell(group, "autoattack")
+        return " / ".join(cells + ([aa] if aa != "—" else []))
 
-    def n_examples(self):
+    def n_examples(self, name="eval"):
         for rid in self.plan.runs:
-            try:
-                return json.loads((self.runs_dir / rid / "eval.json").read_text())["n_examples"]
-            except (OSError, ValueError, KeyError):
-                continue
+            report = self.report(rid, name)
+            if report and "n_examples" in report:
+                return report["n_examples"]
         return None
+
+    def epochs(self, group):
+        """Total training epochs of a group's runs: their own phases plus those of the runs they start from."""
+        rid = self.groups[group][0]
+        total, spec = 0, self.plan.runs[rid]
+        while True:
+            total += spec.total_epochs
+            if not spec.deps:
+                return total
+            spec = self.plan.runs[spec.deps[0]]
+
+    def hydra_label(self, group):
+        """"HYDRA" for HYDRA's own per-layer k, "HYDRA (global k)" for the global variant."""
+        for rid in self.groups.get(group, []):
+            report = self.report(rid, "metrics")
+            if report:
+                budget = report["config"].get("effective_budget", report["config"].get("budget"))
+                return "HYDRA" if budget == "layer" else "HYDRA (global k)"
+        return "HYDRA"
+
+
+def group_of(rid):
+    """The group (run id without its seed) of ``rid``."""
+    return re.sub(r"_s\d+$", "", rid)
 
 
 def _header(results, title):
     p = results.plan.p
-    n = results.n_examples()
+    n, n_aa = results.n_examples(), results.n_examples("eval_aa")
+    seeds = len({rid.rsplit("_s", 1)[1] for rid in results.plan.runs})
+    aa = (f"; AA = AutoAttack (in-graph APGD-CE → APGD-T → Square on the survivors) on the first {n_aa} test images"
+          if n_aa else "")
     return [f"# {title}", "",
-            f"{results.plan.dataset}, small_cnn, L∞ ε = {p['eps']}, training attack PGD-10; "
-            f"{len(set(rid.rsplit('_s', 1)[1] for rid in results.plan.runs))} seed(s); accuracies in % on the first "
-            f"{n if n else '?'} test images; robust = PGD-50 (step 2.5ε/50, random start). "
-            "Made by `python -m training.reproduce` (manifest.json has every command).", ""]
+            f"{results.plan.dataset}, small_cnn, L∞ ε = {p['eps']}, training attack PGD-10; {seeds} seed(s) "
+            f"(mean ± std); accuracies in % on the first {n if n else '?'} test images; robust = PGD-50 (step "
+            f"2.5ε/50, random start){aa}. Made by `python -m training.reproduce` (manifest.json has every "
+            "command); claims.md compares them seed by seed.", ""]
 
 
 def bcs_table(results):
-    """The BCS paper's table layout: rows objectives, columns dense, then Random / Fixed / BCS at 90% and 99%."""
+    """The BCS paper's layout: rows objectives, columns dense, then Random / Fixed / BCS at 90% and 99%; with
+    compute-matched rows (every method trained as long as Fixed in all) beside the papers' protocol."""
     p = results.plan.p
-    lines = _header(results, f"Robust sparse training: BCS vs. Random and Fixed ({p['epochs']} epochs)")
-    lines += ["cells: clean / PGD-50", "",
-              "| objective | dense | Random 90% | Fixed 90% | BCS 90% | Random 99% | Fixed 99% | BCS 99% |",
-              "|---|---|---|---|---|---|---|---|"]
+    e, m = p["epochs"], 2 * p["epochs"]
+    lines = _header(results, f"Robust sparse training: BCS vs. Random and Fixed ({e} epochs)")
+    lines += ["cells: clean / PGD-50 / AA; epochs in all in brackets (Fixed: dense pre-training + fine-tuning)", "",
+              "| objective | protocol | dense | Random 90% | Fixed 90% | BCS 90% | Random 99% | Fixed 99% | BCS 99% |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(group):
+        return f"{results.triple(group)} ({results.epochs(group)})" if group in results.groups else "—"
+
     for objective in p["bcs_objectives"]:
-        cells = [results.pair(f"{objective}/dense")]
-        for c in ("0.1", "0.01"):
-            cells += [results.pair(f"{objective}/{m}_c{c}") for m in ("random", "fixed", "bcs")]
-        lines.append(f"| {OBJECTIVE_NAMES[objective]} | " + " | ".join(cells) + " |")
+        rows = [("papers'", "", "")]
+        if p.get("matched") and objective != "natural":
+            rows.append((f"matched ({m} epochs)", f"_e{m}", f"_e{m}"))
+        for label, tag, dense_tag in rows:
+            cells = [cell(f"{objective}/dense{dense_tag}")]
+            for c in ("0.1", "0.01"):
+                cells += [cell(f"{objective}/random_c{c}{tag}"), cell(f"{objective}/fixed_c{c}"),
+                          cell(f"{objective}/bcs_c{c}{tag}")]
+            lines.append(f"| {OBJECTIVE_NAMES[objective]} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def hydra_table(results):
     """HYDRA vs BCS at 90% and 99% sparsity, one block of attack rows per objective."""
+    p = results.plan.p
     lines = _header(results, "HYDRA vs. BCS")
+    bcs = [("", p["epochs"])] + ([(f"_e{2 * p['epochs']}", 2 * p["epochs"])] if p.get("matched") else [])
     for objective in ("at", "trades"):
-        lines += [f"## {OBJECTIVE_NAMES[objective]}", "",
-                  "| attack | HYDRA 90% | BCS 90% | Δ | HYDRA 99% | BCS 99% | Δ |", "|---|---|---|---|---|---|---|"]
-        for label, attack in ATTACK_ROWS:
-            cells = []
-            for c in ("0.1", "0.01"):
-                h, b = (f"{objective}/{m}_c{c}" for m in ("hydra", "bcs"))
-                mh, mb = results.mean(h, attack), results.mean(b, attack)
-                cells += [results.cell(h, attack), results.cell(b, attack),
-                          f"{mb - mh:+.1f}" if mh is not None and mb is not None else "—"]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+        for c, name in (("0.1", "90%"), ("0.01", "99%")):
+            hydra = f"{objective}/hydra_c{c}"
+            if hydra not in results.groups:
+                continue
+            label = f"{results.hydra_label(hydra)} {name} ({results.epochs(hydra)} ep.)"
+            heads = [label] + [f"BCS {name} ({e} ep.)" for _, e in bcs]
+            lines += [f"## {OBJECTIVE_NAMES[objective]}, {name} sparsity", "",
+                      "| attack | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+            for row, attack in ATTACK_ROWS:
+                cells = [results.cell(hydra, attack)] + [results.cell(f"{objective}/bcs_c{c}{t}", attack)
+                                                         for t, _ in bcs]
+                if any(x != "—" for x in cells):
+                    lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
-def _sparsity_group(method, sparsity, epochs):
+def sparsity_group(method, sparsity, epochs, matched=False):
+    """The group of ``method`` at ``sparsity`` in the sparsity table (``matched``: the compute-matched BCS or
+    dense control, trained twice as long)."""
     if sparsity == 0:
-        return f"at/dense_e{epochs}"
+        return f"at/dense_e{2 * epochs if matched else epochs}"
     c = f"{round(1 - sparsity, 6):g}"
-    if method == "lottery_reinit":
-        return f"at/lottery_c{c}_reinit_e{epochs}"
-    return f"at/{method}_c{c}_e{epochs}"
+    tag = {"lottery_reinit": "_reinit", "lottery_rw0": "_rw0"}.get(method, "")
+    method = "lottery" if method.startswith("lottery") else method
+    return f"at/{method}_c{c}{tag}_e{2 * epochs if matched else epochs}"
 
 
 def sparsity_table(results):
@@ -121,49 +184,80 @@ def sparsity_table(results):
 
     p = results.plan.p
     e = p["sparsity_epochs"]
-    lines = _header(results, f"Sparsity and robustness (Wang et al.): Standard AT, {e} epochs per run")
+    columns = [(SPARSITY_LABELS[m], m, False) for m in SPARSITY_METHODS]
+    if p.get("matched"):
+        columns.append((f"BCS, {2 * e} epochs (matched to Fixed)", "bcs", True))
+    lines = _header(results, f"Sparsity and robustness (Wang et al.): Standard AT, {e} epochs per phase")
     lines += [f"Lottery tickets: {p['prune_rounds']} rounds of iterative global magnitude pruning, "
-              f"{p['round_epochs']} epoch(s) per intermediate round; sparsity 0 is the dense network.", "",
-              "cells: clean / PGD-50", "",
-              "| sparsity | " + " | ".join(SPARSITY_LABELS[m] for m in SPARSITY_METHODS) + " |",
-              "|---|" + "---|" * len(SPARSITY_METHODS)]
+              f"{p['round_epochs']} epoch(s) per intermediate round; sparsity 0 is the dense network (its "
+              "matched column: trained as long as Fixed in all).", "",
+              "cells: clean / PGD-50 / AA (epochs in all)", "",
+              "| sparsity | " + " | ".join(label for label, _, _ in columns) + " |", "|---|" + "---|" * len(columns)]
     for s in SPARSITIES:
-        lines.append(f"| {s:g} | " + " | ".join(results.pair(_sparsity_group(m, s, e)) for m in SPARSITY_METHODS)
-                     + " |")
-    lines += ["", "## Inverse weights inheritance", "",
-              "| network | clean | PGD-50 |", "|---|---|---|"]
-    for label, group in ((f"small_cnn, BCS at 90% sparsity (the small network)", f"at/bcs_c0.1_e{e}"),
-                         ("small_cnn_x2, plain AT (dense)", f"at/dense_x2_e{e}"),
-                         ("small_cnn_x2, IWI from the small network (dense)", f"at/iwi_x2_e{e}")):
-        lines.append(f"| {label} | {results.cell(group, 'clean')} | {results.cell(group, 'pgd50')} |")
+        cells = []
+        for _, method, matched in columns:
+            group = sparsity_group(method, s, e, matched)
+            cells.append(f"{results.triple(group)} ({results.epochs(group)})" if group in results.groups else "—")
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+    lines += ["", "## Inverse weights inheritance", "", "| network | epochs in all | clean | PGD-50 |", "|---|---|---|---|"]
+    rows = [("small_cnn, BCS at 90% sparsity (the small network)", f"at/bcs_c0.1_e{e}"),
+            ("small_cnn_x2, plain AT (dense)", f"at/dense_x2_e{e}"),
+            ("small_cnn_x2, IWI from the small network (dense)", f"at/iwi_x2_e{e}")]
+    if p.get("matched"):
+        rows.append(("small_cnn_x2, plain AT as long as IWI in all", f"at/dense_x2_e{2 * e}"))
+    for label, group in rows:
+        if group in results.groups:
+            lines.append(f"| {label} | {results.epochs(group)} | {results.cell(group, 'clean')} | "
+                         f"{results.cell(group, 'pgd50')} |")
     return "\n".join(lines) + "\n"
 
 
 def sparsity_figure(results, path):
-    """``sparsity.png``: PGD-50 and clean accuracy against sparsity, one line per method."""
+    """``sparsity.png``: PGD-50 and clean accuracy against connectivity (log scale), one line per method, with
+    error bars (std over seeds), the y-range fitted to the data and the legend below the axes."""
     from training.report import pyplot, save_figure
     from training.reproduce import SPARSITIES, SPARSITY_METHODS
 
-    e = results.plan.p["sparsity_epochs"]
-    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4), sharex=True)
-    xs = np.arange(len(SPARSITIES))
-    for ax, attack, title in ((axes[0], "pgd50", "robust (PGD-50)"), (axes[1], "clean", "clean")):
+    p = results.plan.p
+    e = p["sparsity_epochs"]
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 5.6))
+    conns = np.array([_conn_of(s) for s in SPARSITIES[1:]])
+    for ax, attack, title in ((axes[0], "pgd50", "robust accuracy (PGD-50)"), (axes[1], "clean", "clean accuracy")):
+        dense = results.by_seed(sparsity_group("dense", 0, e), attack)
+        if dense:
+            ax.axhline(np.mean(list(dense.values())), color="k", ls="--", lw=1, label=f"dense ({e} epochs)")
         for method in SPARSITY_METHODS:
-            ys = [results.mean(_sparsity_group(method, s, e), attack) for s in SPARSITIES]
-            ys = [np.nan if y is None else y for y in ys]
-            ax.plot(xs, ys, marker="o", label=SPARSITY_LABELS[method])
-        ax.set_xticks(xs, [f"{s:g}" for s in SPARSITIES])
-        ax.set_xlabel("sparsity")
+            stats = [list(results.by_seed(sparsity_group(method, s, e), attack).values()) for s in SPARSITIES[1:]]
+            mean = np.array([np.mean(v) if v else np.nan for v in stats])
+            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in stats])
+            ax.errorbar(conns, mean, yerr=std, marker="o", ms=4, capsize=3, label=SPARSITY_LABELS[method])
+        ax.set_xscale("log")
+        ax.set_xticks(conns, [f"{c:g}" for c in conns])
+        ax.minorticks_off()
+        low, high = ax.get_ylim()  # at least 10 points tall, so seed noise does not look like a trend
+        mid, half = (low + high) / 2, max((high - low) / 2, 5.0)
+        ax.set_ylim(mid - half, mid + half)
+        ax.invert_xaxis()  # sparser to the right
+        ax.set_xlabel("connectivity (fraction of weights kept; log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results.plan.dataset}, small_cnn, standard AT")
-    save_figure(fig, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    seeds = len({rid.rsplit("_s", 1)[1] for rid in results.plan.runs})
+    fig.suptitle(f"{results.plan.dataset}, small_cnn, standard AT, {e} epochs per phase, {seeds} seed(s) "
+                 f"(mean ± std), n = {results.n_examples()} test images; y-axes do not start at 0", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))  # the legend gets the bottom strip, off the data
+    save_figure(fig, path, layout=False)
+
+
+def _conn_of(sparsity):
+    return round(1 - sparsity, 6)
 
 
 def connectivity_figure(results, path):
-    """``connectivity.png``: active connections per layer over training of the first BCS run that logged them."""
+    """``connectivity.png``: active connections per layer over training of a BCS run (the first 99% AT run that
+    logged them), named in the title; returns its id."""
     from training.report import Run, plot_connectivity, pyplot, save_figure
 
     for rid in sorted(results.plan.runs, key=lambda r: ("bcs_c0.01" not in r, "at/" not in r, r)):
@@ -172,17 +266,22 @@ def connectivity_figure(results, path):
         run = Run(results.runs_dir / rid)
         if not run.layers():
             continue
-        fig, ax = pyplot().subplots(figsize=(7, 4))
+        fig, ax = pyplot().subplots(figsize=(8, 4.5))
         plot_connectivity(ax, run)
-        ax.set_title(f"BCS {rid}: {run.metrics['connectivity']['active']:,} connections in total at every step")
+        ax.set_title(f"run {rid} ({results.plan.runs[rid].flags['epochs']} epochs): "
+                     f"{run.metrics['connectivity']['active']:,} connections in all at every step", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
+        fig.tight_layout()
         save_figure(fig, path)
         return rid
     return None
 
 
 def write_tables(tables, the_plan, out):
-    """Write the tables (and figures) of ``tables`` into ``out`` from the runs collected in ``out/runs``;
-    returns the paths written."""
+    """Write the tables, the claims (training.claims) and the figures of ``tables`` into ``out`` from the runs
+    collected in ``out/runs``; returns the paths written."""
+    from training.claims import write_claims
+
     results = Results(the_plan, out / "runs")
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -190,6 +289,8 @@ def write_tables(tables, the_plan, out):
         path = out / f"table_{table}.md"
         path.write_text({"bcs": bcs_table, "hydra": hydra_table, "sparsity": sparsity_table}[table](results))
         written.append(path)
+    if the_plan.seeds > 1 or the_plan.p.get("matched"):
+        written.append(write_claims(results, tables, out / "claims.md"))
     if "sparsity" in tables:
         sparsity_figure(results, out / "sparsity.png")
         written.append(out / "sparsity.png")

@@ -1,0 +1,58 @@
+"""Paired comparisons over seeds: the interval and the verdict follow from the per-seed differences."""
+
+import json
+
+import pytest
+
+from training.claims import paired, verdict, write_claims
+from training.reproduce import plan
+from training.tables import Results, write_tables
+
+
+def _results(tmp_path, bcs, fixed, seeds=3):
+    """Results of the quick plan where at/bcs_c0.01 and at/fixed_c0.01 have the given PGD-50 accuracies (%)."""
+    the_plan = plan(("bcs",), "fashion_mnist", "quick", seeds=seeds)
+    for group, values in (("at/bcs_c0.01", bcs), ("at/fixed_c0.01", fixed)):
+        for seed, value in enumerate(values):
+            run = tmp_path / "runs" / f"{group}_s{seed}"
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
+                "pgd50": {"accuracy": value / 100}, "clean": {"accuracy": 0.8}}}))
+    return the_plan, Results(the_plan, tmp_path / "runs")
+
+
+@pytest.mark.parametrize("bcs,fixed,expected", [
+    ([72.0, 73.1, 71.9], [70.0, 71.0, 70.2], "held"),
+    ([68.0, 69.1, 67.9], [70.0, 71.0, 70.2], "contradicted"),
+    ([72.0, 69.0, 71.0], [70.0, 71.0, 70.5], "not shown"),
+])
+def test_verdict_follows_the_paired_interval(tmp_path, bcs, fixed, expected):
+    _, results = _results(tmp_path, bcs, fixed)
+    n, mean, low, high = paired(results, "at/bcs_c0.01", "at/fixed_c0.01", "pgd50")
+    assert n == 3 and mean == pytest.approx(sum(bcs) / 3 - sum(fixed) / 3)
+    assert low < mean < high
+    assert verdict((n, mean, low, high)) == expected
+
+
+def test_pairing_is_by_seed_not_by_rank(tmp_path):
+    # unpaired, the two groups overlap; paired, BCS leads by exactly 1 point on every seed
+    _, results = _results(tmp_path, [61.0, 71.0, 81.0], [60.0, 70.0, 80.0])
+    n, mean, low, high = paired(results, "at/bcs_c0.01", "at/fixed_c0.01", "pgd50")
+    assert (n, mean) == (3, pytest.approx(1.0)) and low == pytest.approx(1.0) and high == pytest.approx(1.0)
+
+
+def test_a_closeness_claim_uses_its_margin_and_one_seed_shows_nothing(tmp_path):
+    _, results = _results(tmp_path, [69.0, 69.2, 68.9], [70.0, 70.1, 70.0])
+    measured = paired(results, "at/bcs_c0.01", "at/fixed_c0.01", "pgd50")
+    assert verdict(measured) == "contradicted" and verdict(measured, margin=3.0) == "held"
+    _, one = _results(tmp_path / "one", [72.0], [70.0], seeds=1)
+    assert verdict(paired(one, "at/bcs_c0.01", "at/fixed_c0.01", "pgd50")).startswith("not shown")
+
+
+def test_claims_md_lists_the_measured_claim_with_its_runs_and_epochs(tmp_path):
+    the_plan, results = _results(tmp_path, [72.0, 73.1, 71.9], [70.0, 71.0, 70.2])
+    text = write_claims(results, ("bcs",), tmp_path / "claims.md").read_text()
+    row = next(line for line in text.splitlines() if "AT 99%: BCS > Fixed | papers'" in line and "PGD-50" in line)
+    assert "at/bcs_c0.01 (5) − at/fixed_c0.01 (10)" in row and row.rstrip(" |").endswith("held")
+    written = write_tables(("bcs",), the_plan, tmp_path)
+    assert tmp_path / "claims.md" in written

@@ -1,0 +1,206 @@
+"""The two papers' claims, each measured as a **paired** difference over seeds with a 95% interval and a verdict.
+
+Runs of one seed share their initialisation seed and data order, so the difference between two methods is
+taken seed by seed and its mean gets a Student-t interval with n − 1 degrees of freedom. The verdict follows
+from the interval alone:
+
+- a superiority claim "A > B" is *held* when the interval lies above 0, *contradicted* when it lies below 0,
+  and *not shown* otherwise;
+- a closeness claim "A within m points of B" (A − B ≥ −m) is *held* when the interval lies above −m,
+  *contradicted* when it lies below −m, and *not shown* otherwise.
+
+With one seed nothing is shown. Each claim is measured under the papers' protocol and, where the budgets
+differ, again with compute-matched controls; the rows say which, with every run's epochs in all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+ATTACKS = (("clean", "clean"), ("pgd50", "PGD-50"), ("autoattack", "AA"))
+
+
+@dataclasses.dataclass
+class Claim:
+    """``a − b`` (groups of runs) under each attack; ``margin`` None for "a > b", else "a ≥ b − margin"."""
+
+    paper: str
+    text: str
+    a: str
+    b: str
+    margin: float | None = None
+    protocol: str = "papers'"
+    attacks: tuple = ("clean", "pgd50", "autoattack")
+    note: str = ""
+
+
+def paired(results, a, b, attack):
+    """``(n, mean, low, high)`` of the per-seed differences a − b in points (low/high None for n < 2), or None."""
+    from scipy import stats
+
+    va, vb = results.by_seed(a, attack), results.by_seed(b, attack)
+    seeds = sorted(set(va) & set(vb))
+    if not seeds:
+        return None
+    d = np.array([va[s] - vb[s] for s in seeds])
+    if len(d) < 2:
+        return len(d), float(d.mean()), None, None
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return len(d), float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def verdict(measured, margin=None):
+    """held / not shown / contradicted, from the interval (see the module docstring)."""
+    if measured is None:
+        return "not run"
+    n, _, low, high = measured
+    if low is None:
+        return f"not shown ({n} seed)"
+    bound = 0.0 if margin is None else -margin
+    if low > bound:
+        return "held"
+    if high < bound:
+        return "contradicted"
+    return "not shown"
+
+
+def bcs_claims(results, objectives, matched):
+    """The BCS paper's claims on the BCS table, per robust objective."""
+    claims = []
+    m = f"_e{matched}" if matched else None
+    for o in objectives:
+        name = {"at": "AT", "trades": "TRADES", "mat": "mixed-batch AT", "mart": "MART"}.get(o, o)
+        for c, pct in (("0.01", "99%"), ("0.1", "90%")):
+            rows = [("BCS > Fixed", "bcs", "fixed", None, ""), ("Fixed > Random", "fixed", "random", None, ""),
+                    ("BCS > Random", "bcs", "random", None, "")]
+            if c == "0.1":  # the paper: BCS ≥ Fixed ≥ Random at 90% (read with a 1-point margin)
+                rows = [("BCS ≥ Fixed (within 1 point)", "bcs", "fixed", 1.0, ""),
+                        ("Fixed ≥ Random (within 1 point)", "fixed", "random", 1.0, ""),
+                        ("BCS within 3 points of dense", "bcs", "dense", 3.0, "")]
+            for text, x, y, margin, note in rows:
+                def group(method, tag=""):
+                    if method == "dense":
+                        return f"{o}/dense{tag}"
+                    return f"{o}/{method}_c{c}" + ("" if method == "fixed" else tag)
+                claims.append(Claim("BCS", f"{name} {pct}: {text}", group(x), group(y), margin, note=note))
+                if m:
+                    claims.append(Claim("BCS", f"{name} {pct}: {text}", group(x, m), group(y, m), margin,
+                                        protocol=f"matched ({matched} epochs)"))
+    if "natural" in results.plan.p["bcs_objectives"]:
+        claims.append(Claim("BCS", "natural training 99%: Random collapses (dense − Random, clean)",
+                            "natural/dense", "natural/random_c0.01", None, attacks=("clean",),
+                            note="small_cnn's fc1 holds 94% of the weights, so a random 1% keeps every layer "
+                            "connected; the paper's collapse is on VGG/WRN"))
+    return claims
+
+
+def hydra_claims(matched):
+    """BCS vs HYDRA (its own per-layer k), on the HYDRA table."""
+    claims = []
+    for o, name in (("at", "AT"), ("trades", "TRADES")):
+        for c, pct, margin, text in (("0.1", "90%", 1.0, "BCS ≈ HYDRA (BCS within 1 point)"),
+                                     ("0.01", "99%", None, "BCS > HYDRA")):
+            claims.append(Claim("BCS", f"{name} {pct}: {text}", f"{o}/bcs_c{c}", f"{o}/hydra_c{c}", margin,
+                                attacks=("clean", "pgd50", "autoattack")))
+            if matched:
+                claims.append(Claim("BCS", f"{name} {pct}: {text}", f"{o}/bcs_c{c}_e{matched}", f"{o}/hydra_c{c}",
+                                    margin, protocol=f"matched ({matched} epochs; HYDRA {matched + 1})",
+                                    attacks=("clean", "pgd50", "autoattack")))
+    return claims
+
+
+def sparsity_claims(results):
+    """Wang et al.'s claims (and "BCS above the pruning methods across sparsities") on the sparsity table."""
+    from training.reproduce import SPARSITIES
+    from training.tables import sparsity_group
+
+    p = results.plan.p
+    e = p["sparsity_epochs"]
+    g = lambda method, s, matched=False: sparsity_group(method, s, e, matched)  # noqa: E731
+    claims = []
+    for s in SPARSITIES[1:]:
+        pct = f"{100 * s:g}%"
+        claims += [
+            Claim("Wang", f"{pct}: sparse (Fixed) more robust than dense", g("fixed", s), g("dense", 0),
+                  attacks=("pgd50", "autoattack")),
+            Claim("Wang", f"{pct}: lottery rewinding > re-initialisation (same masks)", g("lottery", s),
+                  g("lottery_reinit", s), attacks=("pgd50", "autoattack")),
+            Claim("Wang", f"{pct}: rewinding to epoch 1 > epoch 0", g("lottery", s), g("lottery_rw0", s),
+                  attacks=("pgd50",)),
+            Claim("BCS", f"{pct}: BCS > Fixed", g("bcs", s), g("fixed", s), attacks=("pgd50", "autoattack")),
+            Claim("BCS", f"{pct}: BCS > HYDRA", g("bcs", s), g("hydra", s), attacks=("pgd50", "autoattack")),
+            Claim("BCS", f"{pct}: BCS > lottery ticket", g("bcs", s), g("lottery", s), attacks=("pgd50",)),
+        ]
+        if p.get("matched"):
+            claims += [
+                Claim("Wang", f"{pct}: sparse (Fixed) more robust than dense", g("fixed", s), g("dense", 0, True),
+                      protocol=f"matched (dense {2 * e} epochs)", attacks=("pgd50", "autoattack")),
+                Claim("BCS", f"{pct}: BCS > Fixed", g("bcs", s, True), g("fixed", s),
+                      protocol=f"matched ({2 * e} epochs)", attacks=("pgd50", "autoattack")),
+            ]
+    claims.append(Claim("Wang", "IWI > plain AT of the large network", f"at/iwi_x2_e{e}", f"at/dense_x2_e{e}",
+                        attacks=("clean", "pgd50")))
+    if p.get("matched"):
+        claims.append(Claim("Wang", "IWI > plain AT of the large network", f"at/iwi_x2_e{e}",
+                            f"at/dense_x2_e{2 * e}", protocol=f"matched (plain AT {2 * e} epochs)",
+                            attacks=("clean", "pgd50")))
+    return claims
+
+
+def _fmt(value):
+    return "—" if value is None else f"{value:+.1f}"
+
+
+def claims_table(results, claims):
+    """Markdown rows: claim, protocol, runs (epochs in all), attack, seeds, mean difference, 95% interval,
+    verdict."""
+    lines = ["| claim | protocol | A − B (epochs in all) | attack | seeds | A − B (points) | 95% CI | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    labels = dict(ATTACKS)
+    for claim in claims:
+        if claim.a not in results.groups or claim.b not in results.groups:
+            continue
+        runs = f"{claim.a} ({results.epochs(claim.a)}) − {claim.b} ({results.epochs(claim.b)})"
+        for attack in claim.attacks:
+            measured = paired(results, claim.a, claim.b, attack)
+            if measured is None:
+                continue
+            n, mean, low, high = measured
+            ci = "—" if low is None else f"[{low:+.1f}, {high:+.1f}]"
+            lines.append(f"| {claim.text} | {claim.protocol} | {runs} | {labels[attack]} | {n} | {_fmt(mean)} | "
+                         f"{ci} | {verdict(measured, claim.margin)} |")
+    return lines
+
+
+def all_claims(results, tables):
+    """The claims the requested tables can measure."""
+    p = results.plan.p
+    matched = 2 * p["epochs"] if p.get("matched") else None
+    claims = []
+    if "bcs" in tables:
+        claims += bcs_claims(results, [o for o in p["bcs_objectives"] if o != "natural"], matched)
+    if "hydra" in tables:
+        claims += hydra_claims(matched)
+    if "sparsity" in tables:
+        claims += sparsity_claims(results)
+    return claims
+
+
+def write_claims(results, tables, path):
+    """``claims.md``: every claim the tables can measure, with its paired interval and verdict; returns ``path``."""
+    n = results.n_examples()
+    n_aa = results.n_examples("eval_aa")
+    claims = all_claims(results, tables)
+    notes = [f"- {c.text}: {c.note}" for c in claims if c.note]
+    lines = ["# The papers' claims, measured", "",
+             f"{results.plan.dataset}, small_cnn. Paired differences A − B in accuracy points, seed by seed (same "
+             f"initialisation seed and data order), mean and Student-t 95% interval; clean and PGD-50 on {n} test "
+             f"images, AA on {n_aa}. Verdict: held (interval above 0, or above −margin for a \"within\" claim), "
+             "contradicted (below it), not shown (across it, or one seed). Rows appear as their runs finish.", ""]
+    lines += claims_table(results, claims)
+    if notes:
+        lines += ["", "Notes:", *dict.fromkeys(notes)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
