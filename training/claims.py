@@ -140,6 +140,10 @@ def sparsity_claims(results):
                 Claim("BCS", f"{pct}: BCS > Fixed", g("bcs", s, True), g("fixed", s),
                       protocol=f"matched ({2 * e} epochs)", attacks=("pgd50", "autoattack")),
             ]
+    for c, pct in (("0.1", "90%"), ("0.01", "99%")):
+        claims.append(Claim("Wang", f"{pct}: adversarial pruning > natural pruning (mask and weights from an AT vs a "
+                            "naturally trained dense network, both then AT)", f"at/fixed_c{c}_e{e}",
+                            f"at/fixed_c{c}_natsrc_e{e}", attacks=("clean", "pgd50", "autoattack")))
     claims.append(Claim("Wang", "IWI > plain AT of the large network", f"at/iwi_x2_e{e}", f"at/dense_x2_e{e}",
                         attacks=("clean", "pgd50")))
     if p.get("matched"):

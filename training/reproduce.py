@@ -185,6 +185,10 @@ class Plan:
         lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
         for seed in range(self.seeds):
             dense = self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")
+            if p.get("matched"):  # Wang et al.'s "natural pruning": the mask and weights of a naturally trained
+                natural = self.run("natural", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")  # network, then AT
+                for c in (0.1, 0.01):
+                    self.run("at", "fixed", c, seed, epochs=e, source=natural, tag=f"_natsrc_e{e}")
             # the extremes first, so a stopped reproduction has the most telling cells
             for s in sorted(SPARSITIES[1:], key=lambda s: (s not in (0.99, 0.9), -s)):
                 c = _conn(s)

@@ -200,6 +200,16 @@ def sparsity_table(results):
             cells.append(f"{results.triple(group)} ({results.epochs(group)})" if group in results.groups else "—")
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     lines += ["", "## Inverse weights inheritance", "", "| network | epochs in all | clean | PGD-50 |", "|---|---|---|---|"]
+    natural = [(f"Fixed {pct}, AT from the AT dense run (adversarial pruning)", f"at/fixed_c{c}_e{e}")
+               for c, pct in (("0.1", "90%"), ("0.01", "99%"))]
+    natural += [(f"Fixed {pct}, AT from the naturally trained dense run (natural pruning)",
+                 f"at/fixed_c{c}_natsrc_e{e}") for c, pct in (("0.1", "90%"), ("0.01", "99%"))]
+    if any(group in results.groups for _, group in natural[2:]):
+        lines += ["", "## Adversarial vs natural pruning", "", "| network | epochs in all | clean | PGD-50 | AA |",
+                  "|---|---|---|---|---|"]
+        for label, group in natural:
+            lines.append(f"| {label} | {results.epochs(group)} | {results.cell(group, 'clean')} | "
+                         f"{results.cell(group, 'pgd50')} | {results.cell(group, 'autoattack')} |")
     rows = [("small_cnn, BCS at 90% sparsity (the small network)", f"at/bcs_c0.1_e{e}"),
             ("small_cnn_x2, plain AT (dense)", f"at/dense_x2_e{e}"),
             ("small_cnn_x2, IWI from the small network (dense)", f"at/iwi_x2_e{e}")]
