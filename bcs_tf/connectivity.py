@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from bcs_tf._keras_compat import optimizer_trainable_variables, optimizer_variable_index
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import sparse_layers
 
@@ -119,13 +120,14 @@ def optimizer_slots(optimizer, variable):
     """
     if not optimizer.built:
         raise RuntimeError("build the optimizer before resolving its slots")
-    index = optimizer._get_variable_index(variable)
-    n = len(optimizer._trainable_variables)
+    index = optimizer_variable_index(optimizer, variable)
+    trainable = optimizer_trainable_variables(optimizer)
+    n = len(trainable)
     slots = []
     for value in vars(optimizer).values():
         if (isinstance(value, list) and len(value) == n and value
                 and all(isinstance(v, keras.Variable) for v in value)
-                and not any(v is t for v, t in zip(value, optimizer._trainable_variables))):
+                and not any(v is t for v, t in zip(value, trainable))):
             slot = value[index]
             if tuple(slot.shape) == tuple(variable.shape):
                 slots.append(slot)

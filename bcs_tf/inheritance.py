@@ -23,6 +23,7 @@ import functools
 import keras
 import numpy as np
 
+from bcs_tf._keras_compat import flatten_layers
 from bcs_tf.errors import ConfigError
 from bcs_tf.masks import PRUNABLE, kernels, prunable_layers
 
@@ -52,7 +53,7 @@ def _kernel_maps(small, large):
     A dense kernel whose input is wider than its predecessor's channels reads a flattened feature map and is
     mapped position by position; every other kernel goes into the leading corner.
     """
-    small_layers = {layer.name: layer for layer in small._flatten_layers(include_self=False)}
+    small_layers = {layer.name: layer for layer in flatten_layers(small)}
     small_kernels = kernels(small)
     previous = None  # output channels (small, large) of the previous prunable layer
     for layer in prunable_layers(large):
@@ -75,13 +76,13 @@ def inherit_weights(small, large):
     Both networks must have the same layer names (models of one family); every large layer must be at least
     as wide as its small counterpart. Raises ConfigError otherwise.
     """
-    small_layers = {layer.name: layer for layer in small._flatten_layers(include_self=False)}
+    small_layers = {layer.name: layer for layer in flatten_layers(small)}
     for layer, s_kernel, embed in _kernel_maps(small, large):
         layer.kernel.assign(embed(s_kernel, keras.ops.convert_to_numpy(layer.kernel)))
         src_bias = getattr(small_layers[layer.name], "bias", None)
         if getattr(layer, "bias", None) is not None and src_bias is not None:
             layer.bias.assign(_embed(keras.ops.convert_to_numpy(src_bias), keras.ops.convert_to_numpy(layer.bias)))
-    for layer in large._flatten_layers(include_self=False):
+    for layer in flatten_layers(large):
         if isinstance(layer, keras.layers.BatchNormalization):
             if layer.name not in small_layers:
                 raise ConfigError(f"the small network has no layer {layer.name!r}: not the same model family")

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from bcs_tf._keras_compat import flatten_layers
 from bcs_tf.errors import ConfigError
 
 
@@ -324,4 +325,4 @@ def frozen_kernels(model):
 
 def sparse_layers(model):
     """All sparse layers of ``model`` (nested models included), in a stable order."""
-    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, SparseKernelMixin)]
+    return [layer for layer in flatten_layers(model) if isinstance(layer, SparseKernelMixin)]

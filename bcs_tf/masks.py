@@ -13,6 +13,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from bcs_tf._keras_compat import flatten_layers
 from bcs_tf.connectivity import REGROW_VALUE, Allocation
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import SparseKernelMixin, sparse_layers
@@ -22,7 +23,7 @@ PRUNABLE = (SparseKernelMixin, keras.layers.Conv2D, keras.layers.Dense)
 
 def prunable_layers(model):
     """The conv and dense layers of ``model`` (sparse or standard), in a stable order."""
-    return [layer for layer in model._flatten_layers(include_self=False) if isinstance(layer, PRUNABLE)]
+    return [layer for layer in flatten_layers(model) if isinstance(layer, PRUNABLE)]
 
 
 def kernels(model):
@@ -86,8 +87,8 @@ def transfer(source, target, masks=None, kernel_source=None):
     as is. Raises ConfigError when the two networks do not have the same layers and shapes.
     """
     src_kernels = kernels(kernel_source if kernel_source is not None else source)
-    by_name = {layer.name: layer for layer in source._flatten_layers(include_self=False)}
-    for layer in target._flatten_layers(include_self=False):
+    by_name = {layer.name: layer for layer in flatten_layers(source)}
+    for layer in flatten_layers(target):
         if not layer.weights or isinstance(layer, keras.Model):
             continue
         src = by_name.get(layer.name)

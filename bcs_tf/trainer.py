@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from bcs_tf._keras_compat import distribute_strategy, symbolic_build
 from bcs_tf.attacks import AttackConfig, pgd
 from bcs_tf.connectivity import ConnectivitySampler
 from bcs_tf.errors import ConfigError
@@ -187,9 +188,9 @@ class RobustTrainer(keras.Model):
         return _per_worker_logs(logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15 builds from the first batch reduced across replicas; across workers that collective
+        # A private Keras hook (bcs_tf._keras_compat.PRIVATE; its canary checks the signature). Keras 3.15 builds from the first batch reduced across replicas; across workers that collective
         # rejects the per-replica batch. One replica's local batch has the shapes the build needs.
-        strategy = self._distribute_strategy
+        strategy = distribute_strategy(self)
         if strategy is None or iterator is None or not multi_worker(strategy):
             return super()._maybe_symbolic_build(iterator, data_batch)
         for _, _, it in iterator:
@@ -199,7 +200,7 @@ class RobustTrainer(keras.Model):
                 if isinstance(v, tf.distribute.DistributedValues) else v, batch)
             break
         with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+            symbolic_build(self, data_batch)
 
     def _rewire(self, strategy, masks, learning_rate):
         first = strategy.experimental_local_results  # the replicas' masks are equal (mirrored θ)

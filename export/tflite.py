@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from bcs_tf._keras_compat import set_per_tensor_int8
 from bcs_tf.errors import ConfigError
 from export.options import QUANTIZE
 from export.tflite_sparse import compact, kernel_nonzeros
@@ -40,7 +41,7 @@ def convert(model, quantize="none", sparse=True, representative=None, int8_weigh
         # Per-channel scales cost 12 bytes per output channel (float32 scale + int64 zero point, for the weights
         # and again for the int32 biases): at 99% sparsity that is a third of the file, so sparse models default
         # to per-tensor weight scales; the parity check guards the accuracy either way.
-        converter._experimental_disable_per_channel = int8_weights == "per-tensor"
+        set_per_tensor_int8(converter, int8_weights == "per-tensor")
     data = converter.convert()
     notes = []
     if sparse and compacted:
