@@ -16,7 +16,6 @@ towards its 9 most likely wrong classes in one run rather than in 9 sequential o
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import tensorflow as tf

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from bcs_tf._keras_compat import optimizer_trainable_variables, optimizer_variable_index
-from bcs_tf.errors import ConfigError
+from bcs_tf.errors import ConfigError, check_fraction
 from bcs_tf.layers import sparse_layers
 
 BUDGET_MODES = ("global", "layer")
@@ -41,6 +41,23 @@ class Allocation:
     def to_dict(self):
         """JSON-friendly form."""
         return {"counts": list(self.counts), "groups": [list(g) for g in self.groups], "budgets": list(self.budgets)}
+
+    @classmethod
+    def from_dict(cls, data):
+        """Inverse of :meth:`to_dict` (as ``metrics.json["allocation"]`` records it)."""
+        return cls(tuple(data["counts"]), tuple(tuple(g) for g in data["groups"]), tuple(data["budgets"]))
+
+    def problem(self, counts, names=None):
+        """None when the per-layer active ``counts`` fill every budget group exactly, else what is wrong (the one
+        budget check: before every save, for static masks, and for an exported network)."""
+        names = names or [f"layer {i}" for i in range(len(counts))]
+        if len(counts) != len(self.counts):
+            return f"{len(counts)} sparse layers where the allocation has {len(self.counts)}"
+        for group, budget in zip(self.groups, self.budgets):
+            active = sum(counts[i] for i in group)
+            if active != budget:
+                return f"{active} active connections in {', '.join(names[i] for i in group)}, the budget is {budget}"
+        return None
 
 
 def _counts_for_total(sizes, fractions, total):
@@ -85,8 +102,7 @@ def allocate_budget(sizes, connectivity, mode="global", profile=None):
     adjusted so that they already sum to the budget (see :func:`_counts_for_total`). ``mode="layer"``:
     every layer keeps exactly round(c·n_l) (at least 1) on its own.
     """
-    if not (0.0 < connectivity <= 1.0):
-        raise ConfigError(f"connectivity must be in (0, 1]. Received: connectivity={connectivity}")
+    check_fraction(connectivity)
     if mode not in BUDGET_MODES:
         raise ConfigError(f"budget must be one of {BUDGET_MODES}. Received: budget={mode!r}")
     sizes = [int(n) for n in sizes]

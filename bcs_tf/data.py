@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 import tensorflow as tf
 
-from bcs_tf.errors import ConfigError, DataError
+from bcs_tf.errors import ConfigError, DataError, check_fraction
 
 FASHION_MNIST_DIRS = (
     pathlib.Path("/usr/share/datasets/fashion-mnist"),
@@ -179,8 +179,7 @@ def labelled_split(x, y, fraction):
 
     The first ``fraction`` keeps its labels; the rest is the unlabelled pool of the semi-supervised setting.
     """
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"labelled fraction must be in (0, 1]. Received: labelled_fraction={fraction}")
+    check_fraction(fraction, "labelled_fraction")
     n = max(1, int(round(fraction * len(x))))
     return (x[:n], y[:n]), (x[n:], y[n:])
 

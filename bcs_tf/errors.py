@@ -36,3 +36,10 @@ def one_line_errors(main):
             return 2
 
     return wrapper
+
+
+def check_fraction(value, name="connectivity"):
+    """``value`` as a float when it is in (0, 1] (a connectivity, a fraction of the data), else ConfigError."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < float(value) <= 1.0):
+        raise ConfigError(f"{name} must be in (0, 1]. Received: {name}={value!r}")
+    return float(value)

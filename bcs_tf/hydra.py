@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 
-import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops

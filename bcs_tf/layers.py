@@ -25,13 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from bcs_tf._keras_compat import flatten_layers
-from bcs_tf.errors import ConfigError
-
-
-def _check_connectivity(value, name="connectivity"):
-    if not (isinstance(value, (int, float)) and 0.0 < float(value) <= 1.0):
-        raise ConfigError(f"`{name}` must be in (0, 1]. Received: {name}={value!r}")
-    return float(value)
+from bcs_tf.errors import ConfigError, check_fraction
 
 
 def sparse_theta_values(shape, n_active, fan_in, rng):
@@ -78,7 +72,7 @@ class SparseKernelMixin:
     block = None
 
     def _init_sparse_kernel(self, connectivity, seed):
-        self.connectivity = _check_connectivity(connectivity)
+        self.connectivity = check_fraction(connectivity)
         self.seed = seed
 
     def _add_sparse_kernel(self, shape, fan_in, block=None):

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from bcs_tf._keras_compat import flatten_layers
-from bcs_tf.connectivity import REGROW_VALUE, Allocation
+from bcs_tf.connectivity import REGROW_VALUE
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import SparseKernelMixin, sparse_layers
 
@@ -61,9 +61,9 @@ def magnitude_masks(weights, allocation):
 def masked_allocation(allocation, masks):
     """The allocation of a static network carrying ``masks`` (same groups and budgets, counts as masked)."""
     counts = tuple(int(m.sum()) for m in masks)
-    for group, budget in zip(allocation.groups, allocation.budgets):
-        if sum(counts[i] for i in group) != budget:
-            raise ConfigError(f"masks keep {sum(counts[i] for i in group)} entries for a budget of {budget}")
+    problem = allocation.problem(counts)
+    if problem:
+        raise ConfigError(f"the masks keep {problem}")
     return dataclasses.replace(allocation, counts=counts)
 
 

@@ -1,7 +1,7 @@
 """Model registry: builds a named architecture as its sparse (BCS / random) or dense variant.
 
 For sparse variants every conv and dense kernel is a sparse layer inside one budget; the initial per-layer
-counts follow the architecture's profile (DESIGN.md §1), scaled so that they sum to the budget exactly.
+counts follow the architecture's profile (the BCS authors' initial per-layer densities, docs/design.md), scaled so that they sum to the budget exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import keras
 
 from bcs_tf import architectures as arch
 from bcs_tf.connectivity import configure_connectivity
-from bcs_tf.errors import ConfigError
+from bcs_tf.errors import ConfigError, check_fraction
 from bcs_tf.factory import LayerFactory
 from bcs_tf.layers import sparse_layers
 
@@ -93,8 +93,7 @@ def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="globa
         raise ConfigError(f"unknown model; choose one of {sorted(MODELS)}. Received: model={name!r}")
     if method not in METHODS:
         raise ConfigError(f"unknown method; choose one of {METHODS}. Received: method={method!r}")
-    if not (0.0 < connectivity <= 1.0):
-        raise ConfigError(f"connectivity must be in (0, 1]. Received: connectivity={connectivity}")
+    check_fraction(connectivity)
     spec = MODELS[name]
     input_shape = tuple(input_shape or spec.input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:

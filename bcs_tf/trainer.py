@@ -113,13 +113,9 @@ class RobustTrainer(keras.Model):
         (checked before every save: a model must never be written with a connectivity other than its claim)."""
         if self.sampler is None:
             return None
-        counts = [layer.active_count() for layer in self.sampler.layers]
-        for group, budget in zip(self.sampler.allocation.groups, self.sampler.allocation.budgets):
-            active = sum(counts[i] for i in group)
-            if active != budget:
-                names = ", ".join(self.sampler.layers[i].name for i in group)
-                return f"{active} active connections in {names}, the budget is {budget}"
-        return None
+        layers = self.sampler.layers
+        return self.sampler.allocation.problem([layer.active_count() for layer in layers],
+                                               [layer.name for layer in layers])
 
     def inference_kernels(self):
         """Context in which attacks run: one precomputed kernel per sparse layer, no gradient w.r.t. θ."""

@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 
-from training import cli
+from bcs_run import cli
+from bcs_run.rundir import RunDir
 
 # Runs in a fresh interpreter per file: RSS before/after loading, then the median latency of single examples.
 PROBE = r"""
@@ -99,7 +100,7 @@ def files(run_dir, quantizes, onnx):
     from export import onnx_export, tflite, tflite_sparse
     from export.compact import compact_channels, has_channel_gates
     from export.strip import strip_model
-    from training.config import load_finished_run
+    from bcs_run.config import load_finished_run
 
     cfg, model = load_finished_run(run_dir)
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
@@ -139,7 +140,7 @@ def main(argv=None):
     bad = [q for q in quantizes if q not in ("none", "dynamic", "float16", "int8")]
     if bad or not quantizes:
         raise cli.FlagError(f"--quantize: choose from none, dynamic, float16, int8. Received: {args.quantize!r}")
-    if not (pathlib.Path(args.run_dir) / "model.keras").is_file():
+    if not RunDir(args.run_dir).model.is_file():
         raise cli.FlagError(f"{args.run_dir} has no model.keras (is it a finished `training.run` output?)")
     cli.import_tensorflow()
     built = files(args.run_dir, quantizes, not args.no_onnx)

@@ -13,9 +13,8 @@ robust accuracy within 0.5 points of ART's.
 from __future__ import annotations
 
 import sys
-import time
 
-from training import cli
+from bcs_run import cli
 
 
 def build_parser():
@@ -34,7 +33,7 @@ def measure(run_dir, n_examples, square_queries, batch_size):
     import numpy as np
 
     from bcs_tf.data import load_dataset
-    from training.config import load_finished_run
+    from bcs_run.config import load_finished_run
 
     with cli.native_output(0):  # ART's import warns that PyTorch is absent
         from training.attack_suite import Evaluator

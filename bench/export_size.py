@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from bcs_tf.models import MODELS, build_model  # noqa: E402
 from export import onnx_export, tflite, verify  # noqa: E402
 from export.strip import kernel_nonzeros, strip_model  # noqa: E402
-from training import cli  # noqa: E402
+from bcs_run import cli  # noqa: E402
 
 
 def sizes_for(model_name, connectivity, calibration=32):

@@ -19,28 +19,27 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bcs_tf.attacks import AttackConfig  # noqa: E402
 from bcs_tf.data import augment_batch, make_pipeline  # noqa: E402
 from bcs_tf.models import MODELS, PRECISIONS, build_model  # noqa: E402
-from bcs_tf.objectives import make_objective  # noqa: E402
-from bcs_tf.trainer import RobustTrainer  # noqa: E402
-from training import cli  # noqa: E402
+from bcs_run import cli  # noqa: E402
+from bcs_run.config import RunConfig  # noqa: E402
 
 METHODS = ("dense", "random", "bcs")
 
 
 def make_trainer(model, method, objective, connectivity, input_shape, attack_steps, precision="float32",
                  eager=False):
-    """A compiled (or eager) trainer as ``training.run`` builds it (authors' SGD settings, σ = 1e-6 noise)."""
-    net, alloc = build_model(model, method, connectivity, "global", 0, input_shape, 10, precision=precision)
-    trainer = RobustTrainer(net, make_objective(objective), AttackConfig(0.1, 0.025, attack_steps),
-                            allocation=alloc, rewire=method == "bcs", temperature=0.1 * 1e-12 / 2)
-    trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=5e-3), jit_compile=False,
-                    run_eagerly=eager)
+    """A compiled (or eager) trainer exactly as ``training.run`` builds it for these flags (its defaults for the
+    rest: the authors' SGD, weight decay and σ = 1e-6 noise), through the same RunConfig methods."""
+    cfg = RunConfig(model=model, method=method, objective=objective, connectivity=connectivity,
+                    attack_steps=attack_steps, precision=precision)
+    net, alloc = build_model(model, method, connectivity, cfg.effective_budget, cfg.seed, input_shape, 10,
+                             precision=precision)
+    trainer = cfg.make_trainer(net, alloc, rewire=method == "bcs")
+    trainer.compile(optimizer=cfg.make_optimizer(total_steps=10 ** 6), jit_compile=False, run_eagerly=eager)
     trainer.prepare()
     return trainer
 

@@ -11,8 +11,8 @@ import pathlib
 import sys
 
 from export.options import FORMATS, QUANTIZE, default_out
-from training import cli
-from training.config import finished_network
+from bcs_run import cli
+from bcs_run.config import finished_network
 
 
 def build_parser():

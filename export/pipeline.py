@@ -12,37 +12,38 @@ import tempfile
 
 import numpy as np
 
-from bcs_tf.connectivity import allocate_budget, connectivity_report
+from bcs_tf.connectivity import Allocation
 from bcs_tf.data import load_dataset
 from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.layers import sparse_layers
 from export import onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
 from export.options import default_out
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
-from training.cli import native_output
-from training.config import finished_network, load_finished_run
+from bcs_run.cli import native_output
+from bcs_run.config import finished_network, load_finished_run
+from bcs_run.rundir import RunDir, atomic_write
 
 DEFAULT_EXAMPLES = 2000  # test images of the verification when --n-examples is not given
 
 
 def load_run(run_dir):
-    """(model, config, claimed budget) of a run directory; refuses runs whose sparsity is not as claimed."""
+    """(model, config, claimed budget) of a run directory; refuses runs whose sparsity is not the allocation
+    their metrics.json records."""
     cfg, model = load_finished_run(run_dir)
+    if not cfg.sparse:
+        return model, cfg, None
     model_path = finished_network(run_dir)
+    recorded = (RunDir(run_dir).read_json(RunDir.METRICS) or {}).get("allocation")
     layers = sparse_layers(model)
-    if cfg.sparse:
-        sizes = [layer.kernel_size_total for layer in layers]
-        if not sizes:
-            raise CheckpointError(f"{model_path} has no sparse layers but config.json says connectivity "
-                                  f"{cfg.connectivity} with method {cfg.method}")
-        budget = sum(allocate_budget(sizes, cfg.connectivity, cfg.effective_budget).budgets)
-        active = connectivity_report(model)["active"]
-        if active != budget:
-            raise CheckpointError(f"{model_path} has {active} active connections but its run claims a budget of "
-                                  f"{budget} (connectivity {cfg.connectivity}, budget {cfg.effective_budget}); refusing")
-    else:
-        budget = None
-    return model, cfg, budget
+    if not recorded or not layers:
+        raise CheckpointError(f"{model_path}: its run claims connectivity {cfg.connectivity} with method "
+                              f"{cfg.method}, but " + ("the network has no sparse layers" if recorded else
+                                                       "metrics.json records no allocation") + "; refusing")
+    allocation = Allocation.from_dict(recorded)
+    problem = allocation.problem([layer.active_count() for layer in layers], [layer.name for layer in layers])
+    if problem:
+        raise CheckpointError(f"{model_path} has {problem} (connectivity {cfg.connectivity}); refusing")
+    return model, cfg, sum(allocation.budgets)
 
 
 def _keras_loads_without_project(data):
@@ -164,9 +165,7 @@ def export(args):
                             "keras_median_single_example": verify.latency_ms(
                                 lambda b: np.asarray(plain(b, training=False)), x[:1])}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    atomic_write(out, data)
     write_report(out.parent / "export_report.json", out.name, report)
     return report
 
@@ -180,4 +179,4 @@ def write_report(path, key, entry):
         except ValueError:
             path.rename(path.with_suffix(".json.corrupt"))  # keep the user's file, start a new report
     reports[key] = entry
-    path.write_text(json.dumps(reports, indent=1))
+    atomic_write(path, json.dumps(reports, indent=1))

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from training import cli
+from bcs_run import cli
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")

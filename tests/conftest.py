@@ -1,6 +1,14 @@
-"""Shared fixtures: quiet TensorFlow, deterministic seeds, tiny models."""
+"""Shared fixtures: quiet TensorFlow, deterministic seeds, tiny models; the test tiers.
 
+Every test is ``unit`` (the daily lane, ``pytest -m unit``), ``integration`` (it trains, evaluates or exports
+through a command line, or starts a process) or ``slow`` (marked in its module: minutes-long end-to-end
+checks). A test not marked by hand is ``integration`` when it uses a fixture that trains a run or calls a CLI
+``main`` or a subprocess, else ``unit``.
+"""
+
+import inspect
 import os
+import re
 import sys
 import warnings
 
@@ -36,6 +44,23 @@ def rewiring_steps(trainer, x, y, steps, batch=16):
         trainer.train_on_batch(x[part], y[part])
         after = [np.asarray(layer.theta) > 0 for layer in trainer.sampler.layers]
         yield step, sum(int(np.sum(b & ~a)) for b, a in zip(before, after))
+
+
+RUN_FIXTURES = {"sparse_run", "run_dir", "block_run", "dense_run", "small_sparse_run", "whole_and_killed"}
+RUNS_A_PROGRAM = re.compile(r"\b\w*main\(|subprocess|Popen")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("integration") or \
+                item.get_closest_marker("unit"):
+            continue
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        heavy = RUN_FIXTURES & set(item.fixturenames) or RUNS_A_PROGRAM.search(source)
+        item.add_marker(pytest.mark.integration if heavy else pytest.mark.unit)
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,7 @@ def test_a_99_percent_sparse_small_cnn_archives_in_under_100_kb_and_loads_exactl
 
 def test_the_archive_of_a_run_gives_the_logits_of_its_model_keras_and_is_evaluated_and_exported(sparse_run,
                                                                                                  tmp_path):
+    assert (sparse_run / "COMPLETE").is_file()  # training.run's last write
     assert archive_main([str(sparse_run), "--verbose", "0"]) == 0
     collected = tmp_path / "collected"  # what a results directory keeps: no model.keras, no checkpoint
     collected.mkdir()

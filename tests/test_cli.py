@@ -135,10 +135,9 @@ def test_every_objective_trains_in_the_compiled_step(tmp_path, objective):
 
 
 def test_piecewise_schedule_and_decoupled_weight_decay_follow_the_authors():
-    from training.config import RunConfig
-    from training.fitting import make_optimizer
+    from bcs_run.config import RunConfig
 
-    opt = make_optimizer(RunConfig(lr=0.1, weight_decay=5e-4), total_steps=100)
+    opt = RunConfig(lr=0.1, weight_decay=5e-4).make_optimizer(total_steps=100)
     schedule = opt._learning_rate
     assert [float(schedule(s)) for s in (0, 50, 51, 75, 76, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert opt.weight_decay == pytest.approx(5e-3)  # wd/lr0: θ ← (1 − lr_t·wd/lr0)·θ = (1 − wd_t)·θ

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from training import cli, flagdoc
+from bcs_run import cli
+from training import flagdoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIS = ("training.run", "training.evaluate", "training.pseudolabel", "training.reproduce", "training.report",
@@ -60,7 +61,7 @@ def test_bad_flag_fails_in_one_line_without_importing_tensorflow(module, tmp_pat
 def test_run_flags_come_from_runconfig_metadata():
     import dataclasses
 
-    from training.config import RunConfig
+    from bcs_run.config import RunConfig
     from training.run import build_parser
 
     dests = {a.dest for a in build_parser()._actions}
@@ -76,13 +77,16 @@ def test_flag_choices_match_the_library_registries():
     from bcs_tf.data import DATASETS
     from bcs_tf.models import MODELS, PRECISIONS
     from bcs_tf.objectives import OBJECTIVES
-    from training import config
+    from bcs_tf.optim import OPTIMIZERS, SCHEDULES
+    from bcs_run import config
 
     assert set(config.OBJECTIVE_NAMES) == set(OBJECTIVES)
     assert set(config.MODEL_NAMES) == set(MODELS)
     assert tuple(config.DATASET_NAMES) == tuple(DATASETS)
     assert tuple(config.PRECISION_NAMES) == tuple(PRECISIONS)
     assert tuple(config.BUDGET_MODES) == tuple(BUDGET_MODES)
+    assert tuple(config.OPTIMIZER_NAMES) == tuple(OPTIMIZERS)
+    assert tuple(config.SCHEDULE_NAMES) == tuple(SCHEDULES)
 
 
 def test_readme_flag_tables_match_the_parsers():

@@ -93,6 +93,7 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
     assert eval_main(flags + ["--name", "../x"]) == 2 and "--name" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # ART / foolbox, tens of seconds
 def test_brendel_bethge_runs_with_starting_points_and_is_no_weaker_than_clean():
     model, x, y = _model(masked=False)
     ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, verbose=0, bb_steps=20)
@@ -143,6 +144,7 @@ def test_standard_autoattack_reuses_its_components_and_is_the_worst_case():
     assert stages["apgd-ce"] == results["apgd-ce"]
 
 
+@pytest.mark.integration  # ART / foolbox, tens of seconds
 def test_arts_autoattack_class_runs_and_breaks_examples():
     model, x, y = _model(masked=False)
     ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, square_queries=50, verbose=0,
@@ -152,6 +154,7 @@ def test_arts_autoattack_class_runs_and_breaks_examples():
     assert aa < ev.run("clean", x, y)[0]
 
 
+@pytest.mark.integration  # ART / foolbox, tens of seconds
 def test_in_graph_square_is_at_least_as_strong_as_arts():
     import math
 
@@ -175,6 +178,7 @@ def test_in_graph_square_is_at_least_as_strong_as_arts():
     assert np.abs(x_adv - x).max() <= eps + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
 
+@pytest.mark.integration  # ART, tens of seconds
 @pytest.mark.parametrize("attack", ["apgd-ce", "apgd-t"])
 def test_in_graph_apgd_is_at_least_as_strong_as_arts(attack):
     import math

@@ -16,7 +16,7 @@ from bcs_tf.models import build_model
 from bcs_tf.objectives import make_objective
 from bcs_tf.trainer import RobustTrainer
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
-from training.config import CHANNEL_ALPHA, RunConfig
+from bcs_run.config import CHANNEL_ALPHA, RunConfig
 from training.run import main as train_main
 
 from conftest import rewiring_steps

@@ -14,7 +14,7 @@ from bcs_tf.layers import sparse_layers
 from bcs_tf.masks import kernels, magnitude_masks, static_masked_network, transfer
 from bcs_tf.models import build_model
 from bcs_tf.objectives import make_objective
-from training.config import RunConfig
+from bcs_run.config import RunConfig
 from training.run import main
 
 FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",

@@ -21,7 +21,7 @@ def test_the_wheel_installs_its_console_scripts_into_a_clean_venv(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for package in ("bcs_tf", "training", "export", "bench"):
+    for package in ("bcs_tf", "training", "export", "bench", "bcs_run"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True)

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from training.reproduce import main, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from training import cli
-from training.config import finished_network
+from bcs_run import cli
+from bcs_run.rundir import RunDir
 
 
 def build_parser():
@@ -30,9 +30,9 @@ def main(argv=None):
     """CLI entry point."""
     args = build_parser().parse_args(argv)
     run_dir = pathlib.Path(args.run_dir)
-    if finished_network(run_dir) is None or finished_network(run_dir).suffix != ".keras":
+    if not RunDir(run_dir).model.is_file():
         raise cli.FlagError(f"{run_dir} has no model.keras (is it a finished `training.run` output?)")
-    out = pathlib.Path(args.out) if args.out else run_dir / "network.npz"
+    out = pathlib.Path(args.out) if args.out else RunDir(run_dir).archive
     if out.exists() and not args.overwrite:
         raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
     cli.import_tensorflow(args.verbose)
@@ -40,7 +40,7 @@ def main(argv=None):
     import numpy as np
 
     from bcs_tf.archive import load_archive, save_archive
-    from training.config import load_finished_run
+    from bcs_run.config import load_finished_run
 
     cfg, model = load_finished_run(run_dir)
     size = save_archive(model, out, {"config": cfg.to_dict()})

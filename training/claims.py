@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from bcs_run.rundir import atomic_write
 ATTACKS = (("clean", "clean"), ("pgd50", "PGD-50"), ("autoattack", "AA"))
 
 
@@ -206,5 +207,5 @@ def write_claims(results, tables, path):
     lines += claims_table(results, claims)
     if notes:
         lines += ["", "Notes:", *dict.fromkeys(notes)]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path

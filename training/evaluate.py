@@ -1,10 +1,10 @@
 """``python -m training.evaluate RUN_DIR --attacks clean,pgd50,autoattack``: a trained run's accuracy under attacks.
 
-FGSM and PGD are bcs_tf's in-graph attacks (PGD with ``--restarts`` keeps the worst case per example);
-APGD-CE, APGD-T, Square and AutoAttack come from the adversarial-robustness-toolbox; the Brendel & Bethge
-L∞ attack from foolbox 3. AutoAttack is by default the standard sequence APGD-CE → APGD-T → Square, each run
-on the examples that survived the previous ones (``--autoattack art`` uses ART's ``AutoAttack`` class, which runs
-a larger, slower set). Writes ``eval.json`` after every attack (``--resume`` continues an interrupted
+FGSM, PGD, APGD-CE, APGD-T and Square are bcs_tf's in-graph attacks (PGD with ``--restarts`` keeps the worst
+case per example; ``--apgd art`` / ``--square art`` use the adversarial-robustness-toolbox's instead); the
+Brendel & Bethge L∞ attack comes from foolbox 3. AutoAttack is by default the standard sequence APGD-CE →
+APGD-T → Square, each run on the examples that survived the previous ones, with the accuracy left after each
+part stored (``--autoattack art`` uses ART's ``AutoAttack`` class, which runs a larger, slower set). Writes ``eval.json`` after every attack (``--resume`` continues an interrupted
 evaluation) and ``eval.md`` (the rows of the paper's HYDRA table), and checks the order
 clean ≥ FGSM ≥ PGD-50 ≥ PGD-100 ≥ AA, warning (and exiting 3 with ``--strict``) on a violation beyond noise or
 on AutoAttack far below PGD: both are signs of gradient masking.
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import re
 import sys
-import time
 
-from training import cli
-from training.config import finished_network
+from bcs_run import cli
+from bcs_run.config import finished_network
+from bcs_run.rundir import atomic_write
 
 ORDER = ("clean", "fgsm", "pgd50", "pgd100", "autoattack")
 TABLE_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-100", "pgd100"),
@@ -176,7 +175,7 @@ def evaluate(args, names):
     """Evaluate a run directory with the attacks ``names``; returns the exit code. ``NAME.json`` is rewritten
     after every attack."""
     from bcs_tf.data import load_dataset
-    from training.config import load_finished_run
+    from bcs_run.config import load_finished_run
 
     with cli.native_output(args.verbose):  # ART's import warns that PyTorch is absent
         from training.attack_suite import Evaluator
@@ -225,9 +224,7 @@ def _write_report(out_json, out_md, settings, results):
               "notes": f"AutoAttack = {aa}"}
     for path, text in ((out_json, json.dumps(report, indent=1)),
                        (out_md, markdown_table(results, settings["eps"], settings["n_examples"]))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)
     return problems
 
 

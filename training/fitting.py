@@ -14,46 +14,15 @@ import pathlib
 import keras
 
 from bcs_tf.checkpoint import DivergenceGuard, EpochCheckpoint, check_before_save, has_checkpoint, \
-    load_checkpoint, read_state, save_checkpoint
+    load_checkpoint, read_state
 from bcs_tf.errors import DivergenceError
 from bcs_tf.data import augment_batch, batches_per_epoch, labelled_split, load_extra_data, make_mixed_pipeline, \
     make_pipeline
 from bcs_tf.layers import sparse_layers
-from training.config import OPTIMIZER_NAMES, SCHEDULE_NAMES
-
-
-def _piecewise(cfg, total_steps, lr):
-    boundaries = [max(1, int(0.5 * total_steps)), max(2, int(0.75 * total_steps))]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [lr, lr * 0.1, lr * 0.01])
-
-
-SCHEDULES = {
-    "piecewise": _piecewise,  # authors: ×0.1 at 50% and at 75% of training
-    "cosine": lambda cfg, total_steps, lr: keras.optimizers.schedules.CosineDecay(lr, max(1, total_steps)),
-    "constant": lambda cfg, total_steps, lr: lr,
-}
-OPTIMIZERS = {
-    "sgd": lambda lr, cfg, wd: keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=wd),
-    "adam": lambda lr, cfg, wd: keras.optimizers.Adam(lr, weight_decay=wd),
-    "adamw": lambda lr, cfg, wd: keras.optimizers.AdamW(lr, weight_decay=wd),
-    "rmsprop": lambda lr, cfg, wd: keras.optimizers.RMSprop(lr, momentum=cfg.momentum, weight_decay=wd),
-}
-assert set(SCHEDULES) == set(SCHEDULE_NAMES) and set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
+from bcs_run.rundir import RunDir
 
 
 MAX_RESTORES = 3  # --on-nan restore: roll back at most this many times per phase
-
-
-def make_optimizer(cfg, total_steps, lr=None, scale=1.0):
-    """Optimizer ``cfg.optimizer`` on schedule ``cfg.lr_schedule`` from ``lr`` (default ``cfg.lr``) × ``scale``.
-
-    Keras applies θ ← θ − lr_t·weight_decay·θ, so passing wd/lr0 makes the decay follow the learning-rate
-    schedule exactly as the authors' wd_t does (checked bit-exact for SGD); ``scale`` (the halvings of
-    ``--on-nan restore``) scales the decay with the rate.
-    """
-    lr = cfg.lr if lr is None else lr
-    schedule = SCHEDULES[cfg.lr_schedule](cfg, total_steps, lr * scale)
-    return OPTIMIZERS[cfg.optimizer](schedule, cfg, cfg.weight_decay / lr if lr > 0 else 0.0)
 
 
 class StopAfterSteps(keras.callbacks.Callback):
@@ -169,13 +138,13 @@ def _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapsh
     per_epoch = steps_per_epoch(cfg, data)
     total_steps = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
     scale = restores[-1]["lr_scale"] if restores else 1.0
-    optimizer = make_optimizer(cfg, total_steps, lr, scale)
+    optimizer = cfg.make_optimizer(total_steps, lr, scale)
     if cfg.precision == "mixed_float16":  # float16 gradients underflow without a (dynamic) loss scale
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     trainer.compile(optimizer=optimizer, jit_compile=False)  # --jit: the trainer compiles its XLA-able part
     trainer.prepare()
     trainer.health.code.assign(0)
-    ckpt_dir, best_path = directory / "checkpoint", directory / "best.weights.h5"
+    ckpt_dir, best_path = directory / RunDir.CHECKPOINT, directory / RunDir.BEST
     state = None
     if has_checkpoint(ckpt_dir):
         state = load_checkpoint(trainer, ckpt_dir)
@@ -197,7 +166,7 @@ def _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapsh
     if sparse_layers(trainer.net):
         callbacks.insert(1, ConnectivityLog())
     if snapshots:
-        callbacks.append(Snapshots(directory / "snapshots", snapshots))
+        callbacks.append(Snapshots(directory / RunDir.SNAPSHOTS, snapshots))
     if max_steps is not None:
         callbacks.append(StopAfterSteps(max_steps))
     initial_epoch = state["epoch"] if state else 0

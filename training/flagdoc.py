@@ -10,7 +10,7 @@ import argparse
 import pathlib
 import sys
 
-from training import cli
+from bcs_run import cli
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from training import cli
+from bcs_run import cli
 
 
 def pseudo_label(model, x, batch_size=512):
@@ -50,7 +50,7 @@ def main(argv=None):
 
     from bcs_tf.data import labelled_split, load_dataset
     from bcs_tf.errors import DataError
-    from training.config import load_finished_run
+    from bcs_run.config import load_finished_run
 
     cfg, model = load_finished_run(args.run_dir)
     extra = {}

@@ -15,7 +15,8 @@ import os
 import pathlib
 import sys
 
-from training import cli
+from bcs_run import cli
+from bcs_run.rundir import RunDir, atomic_write
 
 CURVES = (("clean_acc", "train clean", "C0", ":"), ("robust_acc", "train robust", "C3", ":"),
           ("val_clean_acc", "validation clean", "C0", "-"), ("val_robust_acc", "validation robust", "C3", "-"))
@@ -38,7 +39,7 @@ class Run:
 
     def __init__(self, run_dir):
         self.dir = pathlib.Path(run_dir)
-        path = self.dir / "metrics.json"
+        path = RunDir(self.dir).metrics
         try:
             self.metrics = json.loads(path.read_text())
         except OSError:
@@ -167,8 +168,8 @@ def run_report(run):
         plot_attacks(ax, [run])
         ax.set_title(f"{run.label}, eps={run.config.get('eps')}", fontsize=9)
         written.append(save_figure(fig, figures / "attacks.png"))
-    (run.dir / "report.md").write_text(markdown(run, written))
-    return [run.dir / "report.md", *written]
+    atomic_write(run.dir / RunDir.REPORT, markdown(run, written))
+    return [run.dir / RunDir.REPORT, *written]
 
 
 def markdown(run, figures):

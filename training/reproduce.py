@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 
-from training import cli
-from training.config import DATASET_NAMES
+from bcs_run import cli
+from bcs_run.rundir import RunDir, atomic_write
+from bcs_run.config import DATASET_NAMES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TABLES = ("bcs", "hydra", "sparsity")
@@ -38,7 +39,6 @@ RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the e
 AA_COST = 5.0  # AutoAttack on 1,000 test images of small_cnn, in the same units
 # how often a training run's time so far is written to the manifest (what a SIGKILL can lose); tests shorten it
 HEARTBEAT_SECONDS = float(os.environ.get("BCS_TF_HEARTBEAT_SECONDS", 30))
-ARCHIVE = "network.npz"  # a run's network as results/ keeps it (python -m training.archive)
 
 PRESETS = {
     # 3 seeds of every robust cell, compute-matched controls, PGD-50 on all 10,000 test images and AutoAttack on
@@ -89,18 +89,26 @@ def _conn(sparsity):
     return round(1.0 - sparsity, 6)
 
 
-def _wants_aa(objective, method, connectivity):
-    """AutoAttack for every robust 99% model and for the 90% BCS, Fixed and HYDRA ones (and their controls)."""
-    return objective != "natural" and method != "dense" and (connectivity <= 0.01 or method in ("bcs", "fixed",
-                                                                                                   "hydra"))
+AA_SCOPES = ("preset", "99", "none")
+AA_DEFAULT_EXAMPLES = 1000
+
+
+def _wants_aa(objective, method, connectivity, scope):
+    """AutoAttack for every robust 99% model and, in the ``preset`` scope, the 90% BCS, Fixed and HYDRA ones."""
+    if scope == "none" or objective == "natural" or method == "dense":
+        return False
+    return connectivity <= 0.01 or (scope == "preset" and method in ("bcs", "fixed", "hydra"))
 
 
 class Plan:
     """The runs the requested tables need, deduplicated, in dependency order and, across tables, in the order of
     value (see :func:`plan`)."""
 
-    def __init__(self, dataset, preset, seeds, full_eval):
-        self.dataset, self.p, self.full_eval = dataset, PRESETS[preset], full_eval
+    def __init__(self, dataset, preset, seeds, full_eval, aa="preset"):
+        self.dataset, self.p, self.full_eval = dataset, dict(PRESETS[preset]), full_eval
+        if aa == "99":  # e.g. the full preset's 99% models, which its own settings do not attack with AutoAttack
+            self.p.setdefault("aa_examples", AA_DEFAULT_EXAMPLES)
+        self.aa = "none" if not self.p.get("aa_examples") else aa
         self.seeds = seeds or self.p.get("seeds", 1)
         self.runs = {}
 
@@ -130,7 +138,7 @@ class Plan:
             flags["select_by"] = "clean"
         if source:
             flags["from"] = source
-        aa = bool(self.p.get("aa_examples")) and _wants_aa(objective, method, connectivity)
+        aa = _wants_aa(objective, method, connectivity, self.aa)
         return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks), aa)).id
 
     @property
@@ -211,11 +219,11 @@ class Plan:
                 self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_x2_e{2 * e}", model="small_cnn_x2")
 
 
-def plan(tables, dataset, preset, seeds=None, full_eval=False):
+def plan(tables, dataset, preset, seeds=None, full_eval=False, aa="preset"):
     """The :class:`Plan` of ``tables`` (``seeds`` None: the preset's). Across tables the runs come in the order of
     value: the 99% columns of the robust BCS rows with their controls, then HYDRA, then the rest of the BCS
     table, then the sparsity table and IWI."""
-    p = Plan(dataset, preset, seeds, full_eval)
+    p = Plan(dataset, preset, seeds, full_eval, aa)
     for table, part in (("bcs", p.bcs_99), ("hydra", p.hydra_table), ("bcs", p.bcs_rest),
                         ("sparsity", p.sparsity_table)):
         if table in tables:
@@ -345,9 +353,7 @@ class Manifest:
 
     def save(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=1))
 
 
 def _states(specs, runs_dir, out, manifest):
@@ -359,15 +365,15 @@ def _states(specs, runs_dir, out, manifest):
     states = {}
     for spec in specs:
         run_dir = runs_dir / spec.id
-        if (run_dir / "metrics.json").is_file():
-            done = _attacks_done(run_dir, spec) and (run_dir / ARCHIVE).is_file()
+        if RunDir(run_dir).is_complete():
+            done = _attacks_done(run_dir, spec) and RunDir(run_dir).archive.is_file()
             states[spec.id] = "done" if done else "evaluate"
         elif (manifest.data["runs"].get(spec.id, {}).get("status") == "finished"
-              and (out / "runs" / spec.id / "metrics.json").is_file()
+              and RunDir(out / "runs" / spec.id).metrics.is_file()
               and _attacks_done(out / "runs" / spec.id, spec)):
             states[spec.id] = "collected"
         else:
-            states[spec.id] = "resume" if (run_dir / "config.json").is_file() else "train"
+            states[spec.id] = "resume" if RunDir(run_dir).config.is_file() else "train"
     for spec in reversed(specs):  # sources come before the runs that start from them
         if states[spec.id] in ("resume", "train"):
             for dep in spec.deps:
@@ -477,7 +483,7 @@ def _evaluate(spec, runs_dir, manifest, evals):
             if result.returncode not in (0, 3):  # 3 = order-check warning, reported in the report itself
                 print(f"    evaluation {name} failed (exit {result.returncode}); see {log}")
                 return False
-        if not (runs_dir / spec.id / ARCHIVE).is_file():
+        if not RunDir(runs_dir / spec.id).archive.is_file():
             result = _call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log)
             if result.returncode != 0:
                 print(f"    archiving the network failed (exit {result.returncode}); see {log}")
@@ -497,10 +503,11 @@ def _collect(spec, runs_dir, out, manifest, train_cmd, evals):
     manifest."""
     run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id
     dest.mkdir(parents=True, exist_ok=True)
-    for path in [run_dir / "metrics.json", run_dir / ARCHIVE, *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
+    run = RunDir(run_dir)
+    for path in [run.metrics, run.archive, *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
         if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
             shutil.copyfile(path, dest / path.name)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(run.metrics.read_text())
     entry = manifest.data["runs"].get(spec.id, {})
     manifest.record(spec.id, status="finished", command=_display(train_cmd),
                     evaluate=" && ".join(_display(cmd) for cmd in evals.values()),
@@ -521,6 +528,10 @@ def build_parser():
                    "else 1)")
     p.add_argument("--full-eval", action="store_true",
                    help=f"evaluate every run with {', '.join(FULL_ATTACKS)} (default: clean and PGD-50)")
+    p.add_argument("--aa", choices=AA_SCOPES, default="preset",
+                   help="AutoAttack (eval_aa.json, 1,000 test images): the preset's choice (quick: robust 99%% models "
+                   "and 90%% BCS/Fixed/HYDRA; full: none), 99 (robust 99%% models only; a collected run without it "
+                   "is trained again), or none")
     p.add_argument("--out", default=None, help="results directory (default: results/DATASET-PRESET)")
     p.add_argument("--runs-dir", default=None, help="run directories (default: runs/reproduce/DATASET-PRESET)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is done, train nothing")
@@ -555,7 +566,7 @@ def main(argv=None):
     settings = {"dataset": args.dataset, "preset": args.preset, **{k: list(v) if isinstance(v, tuple) else v
                                                                     for k, v in PRESETS[args.preset].items()}}
     manifest = Manifest(out / "manifest.json", settings)
-    the_plan = plan(tables, args.dataset, args.preset, args.seeds, args.full_eval)
+    the_plan = plan(tables, args.dataset, args.preset, args.seeds, args.full_eval, args.aa)
     print(f"{len(the_plan.runs)} runs for table(s) {', '.join(tables)} ({args.preset} preset) in {runs_dir}")
     t0 = time.time()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` (e.g. a session's end) stops as Ctrl-C does
@@ -574,7 +585,8 @@ def _reproduce(args, tables, the_plan, runs_dir, out, manifest, t0):
                               collected=lambda: _summarise(tables, the_plan, out, manifest))
     written = _summarise(tables, the_plan, out, manifest)
     manifest.data.setdefault("invocations", []).append(
-        {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "commit": _commit(out),
+        {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "aa": args.aa,
+         "commit": _commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
     measured = manifest.data["measured"]

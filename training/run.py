@@ -20,11 +20,10 @@ import sys
 import time
 import typing
 
-from training import cli
-from training.config import GROUPS, RunConfig
+from bcs_run import cli
+from bcs_run.config import GROUPS, RunConfig
+from bcs_run.rundir import RunDir
 
-RUN_FILES = ("model.keras", "metrics.json", "config.json", "best.weights.h5", "checkpoint", "logs", "phases",
-             "snapshots", "report.md", "figures")
 ALIASES = {"from_run": ("--from",)}
 
 
@@ -89,17 +88,18 @@ def prepare_out_dir(cfg, resume, overwrite, held):
     out = pathlib.Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise cli.FlagError(f"--out: {out} exists and is not a directory")
+    run = RunDir(out)
     locked = out.is_dir()
     if locked:
         held.enter_context(cli.exclusive(out, "--out"))
     existing = out.is_dir() and any(out.iterdir())
     if resume:
-        if not (has_checkpoint(out / "checkpoint") or (out / "phases").is_dir()):
-            raise CheckpointError(f"--resume: no checkpoint to resume in {out / 'checkpoint'}")
+        if not (has_checkpoint(run.checkpoint) or run.phases.is_dir()):
+            raise CheckpointError(f"--resume: no checkpoint to resume in {run.checkpoint}")
         try:
-            saved = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+            saved = RunConfig.from_dict(json.loads(run.config.read_text()))
         except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"--resume: cannot read {out / 'config.json'}: {exc}") from None
+            raise CheckpointError(f"--resume: cannot read {run.config}: {exc}") from None
         differ = _differing_flags(saved, cfg)
         if differ:
             raise cli.FlagError(f"--resume: the flags differ from the run's config.json in {', '.join(differ)} "
@@ -107,13 +107,13 @@ def prepare_out_dir(cfg, resume, overwrite, held):
     elif existing and not overwrite:
         raise cli.FlagError(f"--out: {out} is not empty; pass --overwrite to replace it or --resume to continue")
     elif existing:
-        for name in RUN_FILES:  # only our own files; anything else the user put there stays
+        for name in RunDir.OWN:  # only our own files; anything else the user put there stays
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if not locked:  # a new directory: of two processes that both made it, the second stops here
         held.enter_context(cli.exclusive(out, "--out"))
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    run.write_json(RunDir.CONFIG, cfg.to_dict())
     return out
 
 
@@ -160,10 +160,12 @@ def _test_and_save(ctx, start, trainer, saver, t_start):
     print(f"test evaluation: clean and PGD-{cfg.eval_steps} (eps={cfg.eps}, restarts={cfg.eval_restarts})")
     clean, robust = robust_accuracy(net, data.x_test, data.y_test, cfg.eps, cfg.eval_steps,
                                     restarts=cfg.eval_restarts, seed=cfg.seed, verbose=verbose)
-    check_before_save(trainer, out / "model.keras")  # the shipped network has exactly its budget
-    tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind
-    net.save(tmp)
-    os.replace(tmp, out / "model.keras")
+    run = RunDir(out)
+    check_before_save(trainer, run.model)  # the shipped network has exactly its budget
+    (out / RunDir.COMPLETE).unlink(missing_ok=True)  # finished again only once the new files are all written
+    tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind (Keras needs
+    net.save(tmp)                   # the .keras suffix, so RunDir's atomic_write cannot serve here)
+    os.replace(tmp, run.model)
     metrics = {
         "test_clean_acc": clean,
         f"test_pgd{cfg.eval_steps}_acc": robust,
@@ -180,8 +182,9 @@ def _test_and_save(ctx, start, trainer, saver, t_start):
         "data_source": data.source,
         "history": saver.history,
         "config": cfg.to_dict(),
+        "completion_marker": True,  # finished only once RunDir.COMPLETE is written (after the reports)
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    run.write_json(RunDir.METRICS, metrics)
     print(f"test clean acc {clean:.4f} | PGD-{cfg.eval_steps} acc {robust:.4f} | "
           f"connectivity {metrics['connectivity']['connectivity']:.4f} | wrote {out}")
     return metrics
@@ -198,6 +201,7 @@ def main(argv=None):
             from training.report import write_reports
 
             write_reports([cfg.out])
+        RunDir(cfg.out).mark_complete()
     return 0
 
 

@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from bcs_run.rundir import RunDir, atomic_write
 ATTACK_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-100", "pgd100"),
                ("B&B∞", "bb"), ("AA∞", "autoattack"))
 OBJECTIVE_NAMES = {"natural": "Natural training", "at": "Standard AT (Madry)", "mat": "Mixed-batch AT",
@@ -271,7 +272,7 @@ def connectivity_figure(results, path):
     from training.report import Run, plot_connectivity, pyplot, save_figure
 
     for rid in sorted(results.plan.runs, key=lambda r: ("bcs_c0.01" not in r, "at/" not in r, r)):
-        if results.plan.runs[rid].flags["method"] != "bcs" or not (results.runs_dir / rid / "metrics.json").is_file():
+        if results.plan.runs[rid].flags["method"] != "bcs" or not RunDir(results.runs_dir / rid).metrics.is_file():
             continue
         run = Run(results.runs_dir / rid)
         if not run.layers():
@@ -297,7 +298,7 @@ def write_tables(tables, the_plan, out):
     written = []
     for table in tables:
         path = out / f"table_{table}.md"
-        path.write_text({"bcs": bcs_table, "hydra": hydra_table, "sparsity": sparsity_table}[table](results))
+        atomic_write(path, {"bcs": bcs_table, "hydra": hydra_table, "sparsity": sparsity_table}[table](results))
         written.append(path)
     if the_plan.seeds > 1 or the_plan.p.get("matched"):
         written.append(write_claims(results, tables, out / "claims.md"))

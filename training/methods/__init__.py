@@ -1,6 +1,6 @@
 """Training methods by name (``--method``); each lives in a module of its own behind :class:`Method`."""
 
-from training.config import METHOD_NAMES
+from bcs_run.config import METHOD_NAMES
 from training.methods.base import Context, Method, Start
 from training.methods.fixed import Fixed
 from training.methods.hydra import Hydra

@@ -16,9 +16,8 @@ import typing
 
 from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.models import build_model
-from bcs_tf.objectives import make_objective
-from bcs_tf.trainer import RobustTrainer
-from training.config import RunConfig, load_finished_run
+from bcs_run.config import RunConfig, load_finished_run
+from bcs_run.rundir import RunDir
 from training.fitting import fit_phase
 
 
@@ -62,10 +61,7 @@ class Context:
 
     def trainer(self, net, allocation=None, rewire=False):
         """A :class:`RobustTrainer` of ``net`` with this run's objective, attack and sampler settings."""
-        cfg = self.cfg
-        return RobustTrainer(net, make_objective(cfg.objective, cfg.beta), cfg.attack(), allocation=allocation,
-                             rewire=rewire, temperature=cfg.effective_temperature, alpha=cfg.effective_alpha,
-                             seed=cfg.seed, jit=cfg.jit)
+        return self.cfg.make_trainer(net, allocation, rewire)
 
     def phase(self, name, trainer, epochs, lr=None):
         """Train an earlier phase ``name`` (last-epoch weights kept; resumes from its own checkpoint)."""
@@ -95,11 +91,13 @@ def read_source(cfg, input_shape):
         raise CheckpointError(f"--from: {src} is not a directory")
     if src.resolve() == pathlib.Path(cfg.out).resolve():
         raise ConfigError(f"--from: {src} is this run's own --out")
-    if not ((src / "model.keras").is_file() and (src / "metrics.json").is_file()):
-        raise CheckpointError(f"--from: {src} is not a finished run (no model.keras / metrics.json)")
+    run = RunDir(src)
+    if not (run.model.is_file() and run.is_complete()):
+        raise CheckpointError(f"--from: {src} is not a finished run (no model.keras, metrics.json or completion "
+                              "marker)")
     try:
-        source = RunConfig.from_dict(json.loads((src / "config.json").read_text()))
-        metrics = json.loads((src / "metrics.json").read_text())
+        source = RunConfig.from_dict(json.loads(run.config.read_text()))
+        metrics = json.loads(run.metrics.read_text())
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"--from: cannot read the run in {src}: {exc}") from None
     if source.dataset != cfg.dataset:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
 from keras import ops
 
 from bcs_tf.errors import ConfigError

@@ -2,7 +2,7 @@
 
 Each field's metadata (group, one line of help, choices, shown default) is the single source of the
 ``training.run`` flags, their ``--help``, their validation and README's flag table (``flag_table``). This
-module must not import TensorFlow: flags are checked before it loads (``training.cli``).
+module must not import TensorFlow: flags are checked before it loads (``bcs_run.cli``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 import pathlib
 import typing
 
-from training.cli import FlagError
+from bcs_run.cli import FlagError
+from bcs_run.rundir import RunDir
 
 AUTHORS_NOISE_SIGMA = 1e-6
 # the L1 prior that lets channel gates die and regrow without a measured cost (results/README.md, issue 10)
@@ -270,6 +271,23 @@ class RunConfig:
 
         return AttackConfig(eps=self.eps, step_size=self.step_size, steps=self.attack_steps)
 
+    def make_optimizer(self, total_steps, lr=None, scale=1.0):
+        """The run's optimizer and schedule (bcs_tf.optim) from ``lr`` (default ``--lr``) × ``scale``."""
+        from bcs_tf.optim import make_optimizer
+
+        lr = self.lr if lr is None else lr
+        return make_optimizer(self.optimizer, self.lr_schedule, lr, total_steps, self.momentum, self.weight_decay,
+                              scale)
+
+    def make_trainer(self, net, allocation=None, rewire=False):
+        """A RobustTrainer of ``net`` with this run's objective, attack and sampler settings."""
+        from bcs_tf.objectives import make_objective
+        from bcs_tf.trainer import RobustTrainer
+
+        return RobustTrainer(net, make_objective(self.objective, self.beta), self.attack(), allocation=allocation,
+                             rewire=rewire, temperature=self.effective_temperature, alpha=self.effective_alpha,
+                             seed=self.seed, jit=self.jit)
+
     def to_dict(self):
         """JSON-friendly dict including derived values."""
         return {**dataclasses.asdict(self), "effective_attack_step_size": self.step_size,
@@ -286,11 +304,7 @@ class RunConfig:
 def finished_network(run_dir):
     """The file holding a finished run's network: ``model.keras``, else the archive ``network.npz`` (a results
     directory keeps only that), else None."""
-    run_dir = pathlib.Path(run_dir)
-    for name in ("model.keras", "network.npz"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
+    return RunDir(run_dir).network()
 
 
 def load_finished_run(run_dir):
@@ -315,9 +329,9 @@ def load_finished_run(run_dir):
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{path} carries no readable run config: {exc}") from None
     try:
-        cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg = RunConfig.from_dict(json.loads(RunDir(run_dir).config.read_text()))
     except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {exc}") from None
+        raise CheckpointError(f"cannot read {RunDir(run_dir).config}: {exc}") from None
     try:
         model = keras.models.load_model(path)
     except Exception as exc:  # Keras raises many kinds for a damaged archive
