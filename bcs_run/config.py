@@ -32,6 +32,19 @@ SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
 # Training methods (training/methods/ has one module each); those in FROM_METHODS start from another run.
 METHOD_NAMES = ("bcs", "random", "dense", "fixed", "hydra", "lottery", "iwi")
 FROM_METHODS = ("fixed", "hydra", "lottery", "iwi")
+# The flags that only some methods read: set to anything but its default for another method, a flag is refused
+# with a one-line error naming the method (the help shows the same table: "for METHODS").
+METHOD_FLAGS = {
+    "from_run": FROM_METHODS,
+    "granularity": ("bcs", "random"),
+    "block_size": ("bcs", "random"),
+    "rewind_epoch": ("lottery",),
+    "reinit": ("lottery",),
+    "prune_rounds": ("lottery",),
+    "round_epochs": ("lottery",),
+    "score_epochs": ("hydra",),
+    "finetune_lr_factor": ("hydra",),
+}
 GROUPS = ("data", "model", "sparsity", "objective", "attack", "optimisation", "output")
 
 
@@ -188,18 +201,19 @@ class RunConfig:
         if (self.method in FROM_METHODS) != (self.from_run is not None):
             raise FlagError(f"--from: required by --method {', '.join(FROM_METHODS)} and used only by them. "
                             f"Received: method={self.method!r}, from={self.from_run!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for flag, methods in METHOD_FLAGS.items():
+            if self.method not in methods and getattr(self, flag) != defaults[flag]:
+                raise FlagError(f"--{flag.replace('_', '-')}: does not apply to --method {self.method} (only to "
+                                f"{', '.join(methods)}). Received: {getattr(self, flag)!r}")
         if self.method in ("fixed", "hydra", "lottery") and self.connectivity >= 1.0:
             bad("connectivity", f"--method {self.method} prunes, so it must be < 1")
         if self.method == "iwi" and self.connectivity != 1.0:
             bad("connectivity", "--method iwi trains the large network dense, so it must be 1")
-        if self.granularity != "weight" and self.method not in ("bcs", "random", "dense"):
-            bad("granularity", f"is not built for --method {self.method} yet (bcs and random have it)")
         if self.strategy == "multiworker" and self.on_nan == "restore":
             bad("on_nan", "restore is not available with --strategy multiworker (workers would roll back apart)")
         if self.block_size < 2:
             bad("block_size", "must be ≥ 2 (1 is --granularity weight)")
-        if self.reinit and self.method != "lottery":
-            bad("reinit", "is the control of --method lottery and used only by it")
         for flag in ("rewind_epoch",):
             if getattr(self, flag) < 0:
                 bad(flag, "must be ≥ 0")

@@ -25,6 +25,13 @@ FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "
     (["--method", "bcs", "--from", "runs/x"], "--from"),
     (["--method", "iwi", "--from", "runs/x", "--connectivity", "0.1"], "--connectivity"),
     (["--reinit"], "--reinit"),
+    (["--method", "dense", "--granularity", "channel"], "--granularity"),
+    (["--method", "fixed", "--from", "runs/x", "--block-size", "16"], "--block-size"),
+    (["--method", "bcs", "--rewind-epoch", "0"], "--rewind-epoch"),
+    (["--method", "random", "--prune-rounds", "2"], "--prune-rounds"),
+    (["--method", "hydra", "--from", "runs/x", "--round-epochs", "2"], "--round-epochs"),
+    (["--method", "lottery", "--from", "runs/x", "--score-epochs", "2"], "--score-epochs"),
+    (["--method", "dense", "--finetune-lr-factor", "0.5"], "--finetune-lr-factor"),
     (["--snapshot-epochs", "0,1"], "--snapshot-epochs"),
     (["--precision", "float8"], "--precision"),
 ])
@@ -32,6 +39,9 @@ def test_bad_flags_give_a_one_line_error_naming_the_flag(tmp_path, capsys, flags
     assert main(flags + ["--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and name in err and "\n" not in err
+    if "--method" in flags and name not in ("--method", "--from", "--connectivity"):  # a flag of other methods
+        method = flags[flags.index("--method") + 1]
+        assert f"does not apply to --method {method}" in err
     assert not (tmp_path / "run").exists()
 
 

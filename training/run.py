@@ -21,7 +21,7 @@ import time
 import typing
 
 from bcs_run import cli
-from bcs_run.config import GROUPS, RunConfig
+from bcs_run.config import GROUPS, METHOD_FLAGS, RunConfig
 from bcs_run.rundir import RunDir
 
 ALIASES = {"from_run": ("--from",)}
@@ -40,6 +40,8 @@ def build_parser():
         flags = [*ALIASES.get(field.name, ()), "--" + field.name.replace("_", "-")]
         group = groups[meta["group"]]
         help_text = meta["help"] + (f" (default: {meta['shown']})" if meta["shown"] else "")
+        if field.name in METHOD_FLAGS and field.name != "from_run":  # refused for the other methods
+            help_text += f" [--method {'/'.join(METHOD_FLAGS[field.name])} only]"
         if isinstance(default, bool):
             group.add_argument(*flags, dest=field.name, action="store_true", help=help_text)
             continue
