@@ -25,7 +25,6 @@ from bcs_tf.errors import CheckpointError
 from bcs_tf.layers import sparse_layers
 
 FORMAT = 1
-NAME = "network.npz"
 
 
 def _sparse_roles(model):
