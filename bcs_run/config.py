@@ -18,7 +18,7 @@ from bcs_run.rundir import RunDir
 AUTHORS_NOISE_SIGMA = 1e-6
 # the L1 prior that lets channel gates die and regrow without a measured cost (results/README.md, issue 10)
 CHANNEL_ALPHA = 1e-3
-# The names of the library's registries (tests/test_cli.py checks they match bcs_tf's, which need TensorFlow).
+# The names of the library's registries (tests/test_commands.py checks they match bcs_tf's, which need TensorFlow).
 OBJECTIVE_NAMES = ("natural", "at", "mat", "trades", "mart", "rst")
 MODEL_NAMES = ("small_cnn", "small_cnn_x2", "small_cnn_x4", "vgg16", "resnet18", "wrn28_2", "wrn28_4", "wrn28_10",
                "mobilenet")
@@ -33,7 +33,7 @@ SCHEDULE_NAMES = ("piecewise", "cosine", "constant")
 METHOD_NAMES = ("bcs", "random", "dense", "fixed", "hydra", "lottery", "iwi")
 FROM_METHODS = ("fixed", "hydra", "lottery", "iwi")
 # The flags that only some methods read: set to anything but its default for another method, a flag is refused
-# with a one-line error naming the method (the help shows the same table: "for METHODS").
+# with a one-line error naming the method (the help adds "[--method … only]" from the same table).
 METHOD_FLAGS = {
     "from_run": FROM_METHODS,
     "granularity": ("bcs", "random"),
