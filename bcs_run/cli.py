@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import os
 import pathlib
@@ -108,6 +109,9 @@ def one_line_errors(main):
         try:
             return main(argv)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # what was being written is left as it was
+                print(f"error: no space left on device while writing {exc.filename or 'a file'}", file=sys.stderr)
+                return 2
             where = f" {exc.filename}" if exc.filename else ""
             print(f"error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
             return 2

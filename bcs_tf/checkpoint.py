@@ -11,16 +11,18 @@ killed at any moment of a save leaves the previous checkpoint loadable. The last
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
 import re
+import shutil
 import time
 
 import keras
 import numpy as np
 
-from bcs_tf.errors import CheckpointError, DivergenceError
+from bcs_tf.errors import CheckpointError, DivergenceError, StorageError
 
 LEGACY_WEIGHTS = "weights.weights.h5"
 STATE = "state.json"
@@ -33,10 +35,40 @@ def _seed_generators(trainer):
     return {"attack_seed": trainer.attack_seed, "sampler_seed": trainer.sampler_seed}
 
 
-def _replace_atomically(path, write):
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# HDF5 reports a full disk in its message, not as an errno; and it may crash the process afterwards when the
+# file it failed to write is closed, so a write that cannot fit is refused before it starts (write_h5)
+HEADROOM = 1.1
+HEADROOM_BYTES = 1 << 20
+
+
+def _no_space(exc):
+    return getattr(exc, "errno", None) in NO_SPACE or "No space left on device" in str(exc)
+
+
+def _replace_atomically(path, write, needed_bytes=0):
+    """``write(tmp)`` then rename onto ``path``; a failed write leaves ``path`` as it was and no temporary file,
+    and a full disk (or fewer free bytes than ``needed_bytes``) is a one-line StorageError."""
+    path = pathlib.Path(path)
     tmp = path.with_name("tmp-" + path.name)
-    write(tmp)
-    os.replace(tmp, path)
+    if needed_bytes and shutil.disk_usage(path.parent).free < needed_bytes:
+        raise StorageError(f"no space left on device while writing {path} ({needed_bytes:,} bytes needed, "
+                           f"{shutil.disk_usage(path.parent).free:,} free)")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and _no_space(exc):
+            raise StorageError(f"no space left on device while writing {path}") from None
+        raise
+
+
+def write_h5(path, save, variables):
+    """Write a Keras weights (or ``.keras``) file with ``save(tmp_path)`` atomically, refusing it up front when
+    the disk has no room for ``variables`` (their bytes, plus headroom)."""
+    size = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    _replace_atomically(path, save, int(size * HEADROOM) + HEADROOM_BYTES)
 
 
 def save_checkpoint(trainer, directory, state, keep=KEEP):
@@ -48,9 +80,16 @@ def save_checkpoint(trainer, directory, state, keep=KEEP):
     full_state = {**state, "format": FORMAT, "weights": f"{name}.weights.h5",
                   "rng": {k: np.asarray(g.state.numpy()).tolist() for k, g in _seed_generators(trainer).items()}}
     text = json.dumps(full_state, indent=1)
-    _replace_atomically(directory / full_state["weights"], trainer.save_weights)
-    _replace_atomically(directory / f"{name}.json", lambda p: p.write_text(text))
-    _replace_atomically(directory / STATE, lambda p: p.write_text(text))
+    optimizer = getattr(trainer, "optimizer", None)
+    write_h5(directory / full_state["weights"], trainer.save_weights,
+             list(trainer.weights) + list(optimizer.variables if optimizer is not None else []))
+    try:
+        _replace_atomically(directory / f"{name}.json", lambda p: p.write_text(text))
+        _replace_atomically(directory / STATE, lambda p: p.write_text(text))
+    except BaseException:  # no half checkpoint: state.json (renamed last) still names the previous one
+        (directory / full_state["weights"]).unlink(missing_ok=True)
+        (directory / f"{name}.json").unlink(missing_ok=True)
+        raise
     for old in _checkpoint_names(directory)[:-keep]:
         for path in (directory / f"{old}.weights.h5", directory / f"{old}.json"):
             path.unlink(missing_ok=True)
@@ -188,9 +227,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = score, epoch + 1
         check_before_save(self.model, f"epoch {epoch + 1}")
         if self.best_epoch == epoch + 1 and self.best_path is not None:
-            tmp = self.best_path.with_name("tmp-" + self.best_path.name)
-            self.model.net.save_weights(tmp)
-            os.replace(tmp, self.best_path)
+            write_h5(self.best_path, self.model.net.save_weights, self.model.net.weights)
         self.save(epoch + 1)
 
     def on_train_batch_begin(self, batch, logs=None):

@@ -20,6 +20,10 @@ class CheckpointError(BcsError):
     """A checkpoint or run directory that is missing, corrupt or does not match the model."""
 
 
+class StorageError(BcsError):
+    """A file could not be written (a full disk): nothing half-written is left in its place."""
+
+
 class DivergenceError(BcsError):
     """Training produced NaN or Inf, or a network that breaks its connection budget (nothing is saved)."""
 

@@ -218,3 +218,54 @@ def test_evaluate_and_export_refuse_foreign_models_and_too_many_examples(tmp_pat
 
     keras.models.load_model(run / "model.keras", safe_mode=True)  # no unsafe (lambda) layers in our files
     assert tf.executing_eagerly()
+
+
+@pytest.mark.parametrize("where", ["weights", "json"])
+def test_a_full_disk_at_save_time_is_one_line_and_leaves_the_run_loadable(tmp_path, monkeypatch, capsys, where):
+    import errno
+    import shutil
+
+    import bcs_tf.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    assert main(FAST + ["--epochs", "1", "--out", str(run)]) == 0
+    before = _files(run)
+    if where == "weights":  # the disk reports no room for the next weights file
+        usage = shutil.disk_usage(run)
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    else:  # a JSON write fails part-way with ENOSPC
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(checkpoint.pathlib.Path, "write_text", full)
+    assert main(FAST + ["--epochs", "2", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on device while writing ") and "\n" not in err, err
+    assert str(run / "checkpoint") in err
+    after = _files(run)
+    after.pop(pathlib.Path("config.json")), before.pop(pathlib.Path("config.json"))
+    assert after == before and not [p for p in run.rglob("tmp-*")]
+    assert has_checkpoint(run / "checkpoint") and read_state(run / "checkpoint")["epoch"] == 1
+    keras.models.load_model(run / "model.keras")
+    assert json.loads((run / "metrics.json").read_text())["steps"] > 0
+
+
+def test_a_real_full_disk_stops_with_one_line_and_no_crash(tmp_path):
+    """On a 700 KB tmpfs (root only) the first weights file does not fit: exit 2, one line, no segfault, no
+    temporary file left (HDF5 used to crash the process after a failed write)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs mounts")
+    try:
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               "TF_CPP_MIN_LOG_LEVEL": "3"}
+        result = subprocess.run([sys.executable, "-m", "training.run", *FAST, "--epochs", "1", "--max-steps", "2",
+                                 "--out", str(mount / "run")], capture_output=True, text=True, env=env)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith("error: no space left on device while writing "), \
+            result.stderr[-2000:]
+        assert not [p for p in (mount / "run").rglob("tmp-*")]
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -14,7 +14,7 @@ import pathlib
 import keras
 
 from bcs_tf.checkpoint import DivergenceGuard, EpochCheckpoint, check_before_save, has_checkpoint, \
-    load_checkpoint, read_state
+    load_checkpoint, read_state, write_h5
 from bcs_tf.errors import DivergenceError
 from bcs_tf.data import augment_batch, batches_per_epoch, labelled_split, load_extra_data, make_mixed_pipeline, \
     make_pipeline
@@ -61,7 +61,8 @@ class Snapshots(keras.callbacks.Callback):
         if epoch in self.epochs:
             check_before_save(self.model, f"the snapshot of epoch {epoch}")
             self.directory.mkdir(parents=True, exist_ok=True)
-            self.model.net.save_weights(self.directory / f"epoch_{epoch}.weights.h5")
+            write_h5(self.directory / f"epoch_{epoch}.weights.h5", self.model.net.save_weights,
+                     self.model.net.weights)
 
     def on_train_begin(self, logs=None):
         if not (self.directory / "epoch_0.weights.h5").exists():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import sys
@@ -147,7 +146,7 @@ def train(cfg, held, resume=False, overwrite=False, verbose=1):
 
 def _test_and_save(ctx, start, trainer, saver, t_start):
     """The end of :func:`train`: test clean and PGD accuracy, write ``model.keras`` and ``metrics.json``."""
-    from bcs_tf.checkpoint import check_before_save
+    from bcs_tf.checkpoint import check_before_save, write_h5
     from bcs_tf.connectivity import connectivity_report
     from bcs_tf.evaluation import robust_accuracy
 
@@ -165,9 +164,7 @@ def _test_and_save(ctx, start, trainer, saver, t_start):
     run = RunDir(out)
     check_before_save(trainer, run.model)  # the shipped network has exactly its budget
     (out / RunDir.COMPLETE).unlink(missing_ok=True)  # finished again only once the new files are all written
-    tmp = out / "tmp-model.keras"  # a full disk must not leave a half-written model.keras behind (Keras needs
-    net.save(tmp)                   # the .keras suffix, so RunDir's atomic_write cannot serve here)
-    os.replace(tmp, run.model)
+    write_h5(run.model, net.save, net.weights)  # a full disk leaves no half-written model.keras behind
     metrics = {
         "test_clean_acc": clean,
         f"test_pgd{cfg.eval_steps}_acc": robust,
