@@ -251,7 +251,7 @@ class RunConfig:
         """Effective attack step size."""
         if self.attack_step_size is not None:
             return self.attack_step_size
-        return 2.5 * self.eps / max(self.attack_steps, 1)
+        return 2.5 * self.eps / max(self.attack_steps, 1)  # bcs_tf.attacks.default_step_size (no TF here)
 
     @property
     def effective_temperature(self):

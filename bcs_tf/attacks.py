@@ -17,6 +17,11 @@ from bcs_tf.errors import ConfigError
 NORMS = ("linf", "l2")
 
 
+def default_step_size(eps, steps):
+    """PGD's step when none is given: 2.5·ε/steps (Madry et al.), so the iterate can cross the ε-ball."""
+    return 2.5 * eps / max(steps, 1)
+
+
 def cross_entropy(logits, y):
     """Per-example sparse softmax cross-entropy."""
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y, tf.int32), logits=logits)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bcs_tf.attacks import pgd_restarts
+from bcs_tf.attacks import default_step_size, pgd_restarts
 
 
 def robust_accuracy(net, x, y, eps, steps, step_size=None, restarts=1, norm="linf", batch_size=256, seed=0,
@@ -16,7 +16,7 @@ def robust_accuracy(net, x, y, eps, steps, step_size=None, restarts=1, norm="lin
     PGD uses ``steps`` steps of ``step_size`` (default 2.5·ε/steps) from a random start, ``restarts`` times,
     keeping the worst case per example. ``net`` runs in inference mode.
     """
-    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    step_size = default_step_size(eps, steps) if step_size is None else step_size
     generator = keras.random.SeedGenerator(seed)
 
     def predict(z):

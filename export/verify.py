@@ -9,7 +9,7 @@ import time
 import keras
 import numpy as np
 
-from bcs_tf.attacks import pgd
+from bcs_tf.attacks import default_step_size, pgd
 
 # Per exported number format: (max |Δlogit| allowed, min top-1 agreement with the Keras model).
 PARITY_TOLERANCE = {"float32": (1e-3, 0.999), "float16": (5e-2, 0.99), "dynamic": (None, 0.97),
@@ -53,7 +53,7 @@ def adversarial_examples(model, x, y, eps, steps=20, batch_size=256, seed=0):
     out = []
     for i in range(0, len(x), batch_size):
         out.append(np.asarray(pgd(lambda z: model(z, training=False), x[i:i + batch_size], y[i:i + batch_size],
-                                  eps, 2.5 * eps / steps, steps, seed=gen)))
+                                  eps, default_step_size(eps, steps), steps, seed=gen)))
     return np.concatenate(out)
 
 

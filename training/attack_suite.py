@@ -15,7 +15,7 @@ import tensorflow as tf
 from art.estimators.classification import TensorFlowV2Classifier
 
 from bcs_tf.apgd import APGD, apgd_targeted, ce_loss, targeted_dlr_loss
-from bcs_tf.attacks import fgsm, pgd_restarts
+from bcs_tf.attacks import default_step_size, fgsm, pgd_restarts
 from bcs_tf.errors import ConfigError
 from bcs_tf.square import SquareAttack
 from training.evaluate import AA_STANDARD, pgd_steps
@@ -141,7 +141,7 @@ class Evaluator:
 
         @tf.function(reduce_retracing=True)
         def attack(xb, yb):
-            return pgd_restarts(self.predict, xb, yb, self.eps, 2.5 * self.eps / steps, steps,
+            return pgd_restarts(self.predict, xb, yb, self.eps, default_step_size(self.eps, steps), steps,
                                 restarts=self.restarts, seed=gen)
 
         return lambda x, y: np.argmax(self.predict(attack(tf.constant(x), tf.constant(y))), 1) == y

@@ -23,8 +23,10 @@ from bcs_run.config import finished_network
 from bcs_run.rundir import atomic_write
 
 ORDER = ("clean", "fgsm", "pgd50", "pgd100", "autoattack")
-TABLE_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-100", "pgd100"),
-              ("B&B∞", "bb"), ("AA∞", "autoattack"), ("APGD-CE", "apgd-ce"), ("APGD-T", "apgd-t"))
+# the one table of attack names and labels (reports, figures and the reproduction tables), in table order
+ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd50": "PGD-50", "pgd100": "PGD-100", "bb": "B&B∞",
+                 "autoattack": "AA∞", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "square": "Square"}
+TABLE_ROWS = tuple((label, name) for name, label in ATTACK_LABELS.items())
 AA_GAP = 0.10  # AutoAttack this far below PGD-100 is reported as likely gradient masking
 
 

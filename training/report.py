@@ -17,11 +17,11 @@ import sys
 
 from bcs_run import cli
 from bcs_run.rundir import RunDir, atomic_write
+from training.evaluate import ATTACK_LABELS
 
 CURVES = (("clean_acc", "train clean", "C0", ":"), ("robust_acc", "train robust", "C3", ":"),
           ("val_clean_acc", "validation clean", "C0", "-"), ("val_robust_acc", "validation robust", "C3", "-"))
-ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd50": "PGD-50", "pgd100": "PGD-100", "apgd-ce": "APGD-CE",
-                 "apgd-t": "APGD-T", "square": "Square", "autoattack": "AutoAttack", "bb": "B&B∞"}
+
 
 
 def pyplot():

@@ -14,8 +14,9 @@ import re
 import numpy as np
 
 from bcs_run.rundir import RunDir, atomic_write
-ATTACK_ROWS = (("Clean", "clean"), ("FGSM", "fgsm"), ("PGD-50", "pgd50"), ("PGD-100", "pgd100"),
-               ("B&B∞", "bb"), ("AA∞", "autoattack"))
+from training.evaluate import TABLE_ROWS
+
+ATTACK_ROWS = TABLE_ROWS[:6]  # the HYDRA table's rows: clean to AutoAttack
 OBJECTIVE_NAMES = {"natural": "Natural training", "at": "Standard AT (Madry)", "mat": "Mixed-batch AT",
                    "trades": "TRADES", "mart": "MART"}
 SPARSITY_LABELS = {"fixed": "Fixed (one-shot adversarial pruning)", "lottery": "lottery ticket (rewind to epoch 1)",
