@@ -7,20 +7,20 @@ a flat index, θ and the sign (int8); every other variable is stored whole. Load
 γ to +1; both enter the network only through γ·max(0, θ) = 0, so the loaded network computes exactly what the
 saved one did (same kernels, same BatchNorm, same logits). What is not kept is what only training would read
 again: the negative values of dormant θ and the optimizer state (a run's ``checkpoint/`` keeps those).
-A 99%-sparse small_cnn takes ≈ 45 KB instead of the 1.8 MB of its ``model.keras``.
+A 99%-sparse small_cnn takes ≈ 33 KB instead of the 1.8 MB of its ``model.keras``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import pathlib
 import zipfile
 
 import keras
 import numpy as np
 
+from bcs_tf.checkpoint import replace_atomically
 from bcs_tf.errors import CheckpointError
 from bcs_tf.layers import sparse_layers
 
@@ -58,9 +58,7 @@ def save_archive(model, path, meta=None):
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return path.stat().st_size
 
 

@@ -46,7 +46,7 @@ def _no_space(exc):
     return getattr(exc, "errno", None) in NO_SPACE or "No space left on device" in str(exc)
 
 
-def _replace_atomically(path, write, needed_bytes=0):
+def replace_atomically(path, write, needed_bytes=0):
     """``write(tmp)`` then rename onto ``path``; a failed write leaves ``path`` as it was and no temporary file,
     and a full disk (or fewer free bytes than ``needed_bytes``) is a one-line StorageError."""
     path = pathlib.Path(path)
@@ -68,7 +68,7 @@ def write_h5(path, save, variables):
     """Write a Keras weights (or ``.keras``) file with ``save(tmp_path)`` atomically, refusing it up front when
     the disk has no room for ``variables`` (their bytes, plus headroom)."""
     size = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
-    _replace_atomically(path, save, int(size * HEADROOM) + HEADROOM_BYTES)
+    replace_atomically(path, save, int(size * HEADROOM) + HEADROOM_BYTES)
 
 
 def save_checkpoint(trainer, directory, state, keep=KEEP):
@@ -84,8 +84,8 @@ def save_checkpoint(trainer, directory, state, keep=KEEP):
     write_h5(directory / full_state["weights"], trainer.save_weights,
              list(trainer.weights) + list(optimizer.variables if optimizer is not None else []))
     try:
-        _replace_atomically(directory / f"{name}.json", lambda p: p.write_text(text))
-        _replace_atomically(directory / STATE, lambda p: p.write_text(text))
+        replace_atomically(directory / f"{name}.json", lambda p: p.write_text(text))
+        replace_atomically(directory / STATE, lambda p: p.write_text(text))
     except BaseException:  # no half checkpoint: state.json (renamed last) still names the previous one
         (directory / full_state["weights"]).unlink(missing_ok=True)
         (directory / f"{name}.json").unlink(missing_ok=True)
