@@ -41,25 +41,16 @@ class RunDir:
     def __init__(self, path):
         self.path = pathlib.Path(path)
 
-    def __truediv__(self, name):
-        return self.path / name
-
-    def __str__(self):
-        return str(self.path)
-
     config = property(lambda self: self.path / self.CONFIG)
     metrics = property(lambda self: self.path / self.METRICS)
     model = property(lambda self: self.path / self.MODEL)
     archive = property(lambda self: self.path / self.ARCHIVE)
-    best = property(lambda self: self.path / self.BEST)
     checkpoint = property(lambda self: self.path / self.CHECKPOINT)
-    logs = property(lambda self: self.path / self.LOGS)
     phases = property(lambda self: self.path / self.PHASES)
-    snapshots = property(lambda self: self.path / self.SNAPSHOTS)
 
     def report(self, name="eval"):
-        """``NAME.json`` of ``training.evaluate --name NAME``."""
-        return self.path / f"{name}.json"
+        """The parsed ``NAME.json`` of ``training.evaluate --name NAME``, or None when missing or unreadable."""
+        return self.read_json(f"{name}.json")
 
     def network(self):
         """The file holding the finished network: ``model.keras``, else the archive, else None."""

@@ -286,13 +286,10 @@ def eval_commands(spec, runs_dir, p):
 
 
 def _attacks_done(run_dir, spec):
-    """Whether ``run_dir`` holds every report of ``spec`` (and the archived network, where the run is here)."""
+    """Whether ``run_dir`` holds every report of ``spec`` with all of its attacks."""
     wanted = {"eval": spec.attacks, **({"eval_aa": AA_ATTACKS} if spec.aa else {})}
     for name, attacks in wanted.items():
-        try:
-            report = json.loads((run_dir / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            return False
+        report = RunDir(run_dir).report(name) or {}
         if not all(a in report.get("attacks", {}) for a in attacks):
             return False
     return True

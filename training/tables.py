@@ -8,7 +8,6 @@ The comparisons themselves (paired differences with intervals and verdicts) are 
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
@@ -36,10 +35,8 @@ class Results:
             self.groups.setdefault(group_of(rid), []).append(rid)
 
     def report(self, rid, name):
-        try:
-            return json.loads((self.runs_dir / rid / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            return None
+        """The parsed ``NAME.json`` of run ``rid``, or None."""
+        return RunDir(self.runs_dir / rid).report(name)
 
     def value(self, rid, attack):
         """Accuracy (fraction) of run ``rid`` under ``attack``, or None."""
