@@ -62,6 +62,18 @@ def save_archive(model, path, meta=None):
     return path.stat().st_size
 
 
+def read_meta(path):
+    """The ``meta`` dict of an archive without rebuilding its network; CheckpointError when it is not one."""
+    path = pathlib.Path(path)
+    try:
+        with np.load(path) as z:
+            if int(z["format"]) != FORMAT:
+                raise CheckpointError(f"{path} is not a bcs-tf network archive of format {FORMAT}")
+            return json.loads(bytes(z["meta"]).decode())
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"cannot read the network archive {path}: {exc}") from None
+
+
 def load_archive(path):
     """``(meta, model)`` of an archive written by :func:`save_archive`; CheckpointError when it is not one."""
     path = pathlib.Path(path)

@@ -124,26 +124,42 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert third.returncode == 0 and log.count(": done") == 7, log
     assert mtimes == {p: p.stat().st_mtime for p in runs.rglob("metrics.json")}
 
-    # a new machine with the committed results but no run directories: only a run whose results are missing is
-    # trained, and the dense run it starts from with it
+    # a new machine with the committed results but no run directories: only the run whose results are missing is
+    # trained, from the dense run's archived network in --out (not retrained)
     shutil.rmtree(out / "runs" / "at" / "fixed_c0.01_s0")
-    dense_seconds = manifest["runs"]["at/dense_s0"]["process_seconds"]
     fourth = _reproduce(out, tmp_path / "new-machine-runs")
     log, _ = fourth.communicate(timeout=600)
     assert fourth.returncode == 0, log
-    assert "at/dense_s0: train" in log and "at/fixed_c0.01_s0: train" in log and log.count(": collected") == 5, log
-    assert sorted(p.parent.name for p in (tmp_path / "new-machine-runs").rglob("metrics.json")) == \
-        ["dense_s0", "fixed_c0.01_s0"]
+    assert "at/dense_s0: collected" in log and "at/fixed_c0.01_s0: train" in log and log.count(": collected") == 6
+    assert [p.parent.name for p in (tmp_path / "new-machine-runs").rglob("metrics.json")] == ["fixed_c0.01_s0"]
     assert "—" not in (out / "table_bcs.md").read_text().split("| Standard AT (Madry) |")[1]
-    retrained = json.loads((out / "manifest.json").read_text())["runs"]["at/dense_s0"]
-    # the first machine's training of it is set apart, not added to the new run's cost
-    assert retrained["discarded_seconds"] == dense_seconds and 0 < retrained["process_seconds"] != dense_seconds
+    command = json.loads((out / "manifest.json").read_text())["runs"]["at/fixed_c0.01_s0"]["command"]
+    assert f"--from {out / 'runs' / 'at' / 'dense_s0'}" in command, command
 
     before = (out / "manifest.json").read_text()
     refused = _reproduce(out, runs, preset="quick")
     log, _ = refused.communicate(timeout=120)
     assert refused.returncode == 2 and "error: --out" in log and "other settings" in log, log
     assert (out / "manifest.json").read_text() == before
+
+
+def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots(tmp_path):
+    from training import reproduce
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    dense = reproduce.RunSpec("at/dense_s0", {"method": "dense", "epochs": 1})
+    fixed = reproduce.RunSpec("at/fixed_s0", {"method": "fixed", "epochs": 1, "from": dense.id}, (dense.id,))
+    rewound = reproduce.RunSpec("at/lottery_s0", {"method": "lottery", "epochs": 1, "from": dense.id}, (dense.id,))
+    manifest = reproduce.Manifest(out / "manifest.json", {"preset": "smoke"})
+    manifest.record(dense.id, status="finished")
+    (out / "runs" / dense.id).mkdir(parents=True)
+    (out / "runs" / dense.id / "metrics.json").write_text("{}")
+    (out / "runs" / dense.id / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in dense.attacks}}))
+    assert reproduce._states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
+    assert reproduce._states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
+    archived = {dense.id: out / "runs" / dense.id}
+    assert str(out / "runs" / dense.id) in reproduce.train_command(fixed, runs, archived)
+    assert str(runs / dense.id) in reproduce.train_command(fixed, runs)
 
 
 @pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),

@@ -68,6 +68,12 @@ class RunSpec:
     aa: bool = False
 
     @property
+    def needs_source_run(self):
+        """Whether ``--from`` must be a whole run directory: a rewound lottery ticket reads its epoch snapshots;
+        every other method reads only the source's finished network, which its archive holds."""
+        return self.flags["method"] == "lottery" and not self.flags.get("reinit")
+
+    @property
     def total_epochs(self):
         """Epochs of this run's own phases (score learning and intermediate pruning rounds included)."""
         epochs = self.flags["epochs"]
@@ -258,13 +264,14 @@ def _machine():
     return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def train_command(spec, runs_dir):
-    """The ``python -m training.run`` command line of ``spec`` (``--from`` paths inside ``runs_dir``)."""
+def train_command(spec, runs_dir, archived=()):
+    """The ``python -m training.run`` command line of ``spec``: ``--from`` is the source's directory in
+    ``runs_dir``, or its archived run in ``out/runs`` when it is in ``archived`` (a dict id -> directory)."""
     cmd = [sys.executable, "-m", "training.run"]
     for key, value in spec.flags.items():
         flag = "--" + key.replace("_", "-")
         if key == "from":
-            value = runs_dir / value
+            value = archived[value] if value in archived else runs_dir / value
         if value is True:
             cmd.append(flag)
         elif value is not False and value is not None:
@@ -357,8 +364,8 @@ def _states(specs, runs_dir, out, manifest):
     """What each run still needs: ``done``, ``collected`` (its results are in ``out`` but its run directory is
     not here, e.g. on a new machine), ``evaluate``, ``resume`` or ``train``.
 
-    A collected run is trained again only when a run still to be trained starts from it (``--from`` needs the
-    model itself, not its results)."""
+    A collected run is trained again only when a run still to be trained needs more of it than its archived
+    network (a rewound lottery ticket reads the source's epoch snapshots); the other runs start from the archive."""
     states = {}
     for spec in specs:
         run_dir = runs_dir / spec.id
@@ -374,7 +381,7 @@ def _states(specs, runs_dir, out, manifest):
     for spec in reversed(specs):  # sources come before the runs that start from them
         if states[spec.id] in ("resume", "train"):
             for dep in spec.deps:
-                if states[dep] == "collected":
+                if states[dep] == "collected" and spec.needs_source_run:
                     states[dep] = "train"
     return states
 
@@ -421,7 +428,8 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected):
         done_cost += spec.cost
         if state == "collected":
             continue
-        train_cmd = train_command(spec, runs_dir)
+        train_cmd = train_command(spec, runs_dir, {dep: out / "runs" / dep for dep in spec.deps
+                                                   if states[dep] == "collected"})
         if state in ("resume", "train"):
             if any(dep in failed for dep in spec.deps):
                 print(f"    skipped: it starts from a failed run ({', '.join(spec.deps)})")

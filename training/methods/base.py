@@ -14,6 +14,7 @@ import json
 import pathlib
 import typing
 
+from bcs_tf.archive import read_meta
 from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.models import build_model
 from bcs_run.config import RunConfig, load_finished_run
@@ -85,20 +86,23 @@ class Method:
 
 
 def read_source(cfg, input_shape):
-    """The RunConfig of ``--from`` after checking that it is a finished run on the same data."""
+    """The RunConfig of ``--from`` after checking that it is a finished run on the same data: a run directory, or
+    a results directory's archived run (``network.npz`` with its ``metrics.json``)."""
     src = pathlib.Path(cfg.from_run)
     if not src.is_dir():
         raise CheckpointError(f"--from: {src} is not a directory")
     if src.resolve() == pathlib.Path(cfg.out).resolve():
         raise ConfigError(f"--from: {src} is this run's own --out")
     run = RunDir(src)
-    if not (run.model.is_file() and run.is_complete()):
+    archived = not run.model.is_file() and run.archive.is_file() and run.metrics.is_file()
+    if not (archived or (run.model.is_file() and run.is_complete())):
         raise CheckpointError(f"--from: {src} is not a finished run (no model.keras, metrics.json or completion "
-                              "marker)")
+                              "marker) nor an archived one (network.npz and metrics.json)")
     try:
-        source = RunConfig.from_dict(json.loads(run.config.read_text()))
+        config = read_meta(run.archive)["config"] if archived else json.loads(run.config.read_text())
+        source = RunConfig.from_dict(config)
         metrics = json.loads(run.metrics.read_text())
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"--from: cannot read the run in {src}: {exc}") from None
     if source.dataset != cfg.dataset:
         raise ConfigError(f"--from: {src} was trained on {source.dataset}, this run uses {cfg.dataset}")
