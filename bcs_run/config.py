@@ -251,7 +251,7 @@ class RunConfig:
         """Effective attack step size."""
         if self.attack_step_size is not None:
             return self.attack_step_size
-        return 2.5 * self.eps / max(self.attack_steps, 1)  # bcs_tf.attacks.default_step_size (no TF here)
+        return 2.5 * self.eps / max(self.attack_steps, 1)  # bcs_tf.robustness.attacks.default_step_size (no TF here)
 
     @property
     def effective_temperature(self):
@@ -281,7 +281,7 @@ class RunConfig:
 
     def attack(self):
         """The training attack."""
-        from bcs_tf.attacks import AttackConfig
+        from bcs_tf.robustness.attacks import AttackConfig
 
         return AttackConfig(eps=self.eps, step_size=self.step_size, steps=self.attack_steps)
 

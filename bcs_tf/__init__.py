@@ -4,7 +4,7 @@ Importing the package registers the sparse layers with Keras, so ``keras.models.
 models saved by ``training.run``.
 """
 
-from bcs_tf.attacks import AttackConfig, fgsm, pgd, pgd_restarts
+from bcs_tf.robustness.attacks import AttackConfig, fgsm, pgd, pgd_restarts
 from bcs_tf.connectivity import ConnectivitySampler, allocate_budget, connectivity_report
 from bcs_tf.errors import BcsError, CheckpointError, ConfigError, DataError
 from bcs_tf.hydra import HydraScoreTrainer

@@ -13,7 +13,7 @@ import typing
 
 import keras
 
-from bcs_tf import architectures as arch
+import bcs_tf.architectures as arch
 from bcs_tf.connectivity import configure_connectivity
 from bcs_tf.errors import ConfigError, check_fraction
 from bcs_tf.factory import LayerFactory

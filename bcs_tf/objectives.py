@@ -15,7 +15,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from bcs_tf.attacks import cross_entropy, pgd
+from bcs_tf.robustness.attacks import cross_entropy, pgd
 from bcs_tf.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from bcs_tf._keras_compat import distribute_strategy, symbolic_build
-from bcs_tf.attacks import AttackConfig, pgd
+from bcs_tf.robustness.attacks import AttackConfig, pgd
 from bcs_tf.connectivity import ConnectivitySampler
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import frozen_kernels, sparse_layers

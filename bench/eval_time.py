@@ -35,8 +35,10 @@ def measure(run_dir, n_examples, square_queries, batch_size):
     from bcs_tf.data import load_dataset
     from bcs_run.config import load_finished_run
 
+    from bcs_tf.robustness import Evaluator
+
     with cli.native_output(0):  # ART's import warns that PyTorch is absent
-        from training.attack_suite import Evaluator
+        import bcs_tf.robustness.art  # noqa: F401  (once, up front: it closes the logging streams that exist)
 
     cfg, net = load_finished_run(run_dir)
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)

@@ -16,6 +16,7 @@ from bcs_tf.connectivity import Allocation
 from bcs_tf.data import load_dataset
 from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.layers import sparse_layers
+from bcs_tf.robustness import Evaluator
 from export import onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
 from export.options import default_out
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
@@ -143,7 +144,7 @@ def export(args):
             raise ConfigError(message + "; nothing written (--allow-mismatch to write anyway)")
         report["warnings"].append(message + "; written anyway because of --allow-mismatch")
 
-    x_adv = verify.adversarial_examples(model, x, y, cfg.eps)
+    x_adv = Evaluator(model, cfg.eps, None, verbose=0).pgd_examples(x, y, 20)
     report["robustness"] = {
         "eps": cfg.eps, "attack": "PGD-20 L-inf crafted against the Keras model (transfer)", "n": int(len(x)),
         "keras": {"clean": verify.accuracy(reference, y),
@@ -153,13 +154,13 @@ def export(args):
     }
     if args.attack_exported:
         with native_output(args.verbose):  # ART's import warns that PyTorch is absent
-            import art.attacks.evasion  # noqa: F401
+            from bcs_tf.robustness.art import black_box_square
         n_attack = min(args.attack_examples, len(x))
         xs, ys = x[:n_attack], y[:n_attack]
         report["robustness"]["square"] = {
             "queries": args.attack_queries, "n": n_attack, "attack": "ART Square L-inf, black-box (scores only)",
-            "exported": verify.black_box_square(runtime, xs, ys, cfg.eps, args.attack_queries),
-            "keras": verify.black_box_square(lambda b: np.asarray(model(b, training=False)), xs, ys, cfg.eps,
+            "exported": black_box_square(runtime, xs, ys, cfg.eps, args.attack_queries),
+            "keras": black_box_square(lambda b: np.asarray(model(b, training=False)), xs, ys, cfg.eps,
                                              args.attack_queries)}
     report["latency_ms"] = {"median_single_example": verify.latency_ms(runtime, x[:1]),
                             "keras_median_single_example": verify.latency_ms(

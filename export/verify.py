@@ -1,4 +1,5 @@
-"""Checks run after every export: parity, sparsity, size against its floor, robustness transfer, latency."""
+"""Checks run after every export: parity, sparsity, size against its floor, latency (the robustness checks run
+through ``bcs_tf.robustness``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import time
 
 import keras
 import numpy as np
-
-from bcs_tf.attacks import default_step_size, pgd
 
 # Per exported number format: (max |Δlogit| allowed, min top-1 agreement with the Keras model).
 PARITY_TOLERANCE = {"float32": (1e-3, 0.999), "float16": (5e-2, 0.99), "dynamic": (None, 0.97),
@@ -47,16 +46,6 @@ def batched(fn, x, batch_size=256):
     return np.concatenate([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def adversarial_examples(model, x, y, eps, steps=20, batch_size=256, seed=0):
-    """PGD-``steps`` L∞ examples crafted against the Keras ``model`` (step 2.5ε/steps, random start)."""
-    gen = keras.random.SeedGenerator(seed)
-    out = []
-    for i in range(0, len(x), batch_size):
-        out.append(np.asarray(pgd(lambda z: model(z, training=False), x[i:i + batch_size], y[i:i + batch_size],
-                                  eps, default_step_size(eps, steps), steps, seed=gen)))
-    return np.concatenate(out)
-
-
 def accuracy(logits, y):
     """Top-1 accuracy."""
     return float(np.mean(np.argmax(logits, 1) == y))
@@ -71,21 +60,3 @@ def latency_ms(fn, sample, repeats=50):
         fn(sample)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
-
-
-def black_box_square(predict, x, y, eps, queries, seed=0):
-    """Accuracy of ``predict`` (batch → logits, any runtime) under ART's L∞ Square attack, which sees only its
-    scores (``BlackBoxClassifierNeuralNetwork``): robustness of the file itself, not transferred."""
-    from art.attacks.evasion import SquareAttack
-    from art.estimators.classification import BlackBoxClassifierNeuralNetwork
-
-    logits = batched(predict, x[:2])
-    classifier = BlackBoxClassifierNeuralNetwork(lambda b: batched(predict, b.astype(np.float32)), x.shape[1:],
-                                                 logits.shape[1], channels_first=False, clip_values=(0.0, 1.0))
-    np.random.seed(seed)  # ART draws its windows from NumPy's global generator
-    attack = SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=queries, nb_restarts=1, batch_size=len(x),
-                          verbose=False)
-    x_adv = attack.generate(x.astype(np.float32), y=np.eye(logits.shape[1], dtype=np.float32)[y])
-    if np.max(np.abs(x_adv - x)) > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
-        raise RuntimeError("Square left the ε-ball or [0, 1]")
-    return accuracy(batched(predict, x_adv), y)

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent as ch_pgd
 
-from bcs_tf.attacks import cross_entropy, fgsm, pgd, pgd_restarts
+from bcs_tf.robustness.attacks import cross_entropy, fgsm, pgd, pgd_restarts
 from bcs_tf.data import synthetic_arrays
 
 

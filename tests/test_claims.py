@@ -5,7 +5,7 @@ import json
 import pytest
 
 from training.claims import paired, verdict, write_claims
-from training.reproduce import plan
+from training.plan import plan
 from training.tables import Results, write_tables
 
 

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from bcs_tf.attacks import AttackConfig
+from bcs_tf.robustness.attacks import AttackConfig
 from bcs_tf.connectivity import ConnectivitySampler, allocate_budget, optimizer_slots
 from bcs_tf.layers import SparseDense, sparse_layers
 from bcs_tf.objectives import make_objective

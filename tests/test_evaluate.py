@@ -4,8 +4,10 @@ import pytest
 import tensorflow as tf
 
 from bcs_tf.data import synthetic_arrays
-from training.attack_suite import Evaluator, VectorisedDLRLoss
-from training.evaluate import markdown_table, order_check
+from bcs_tf.robustness import Evaluator
+from bcs_tf.robustness.art import VectorisedDLRLoss
+from bcs_run.attacks import order_check
+from training.evaluate import markdown_table
 
 
 def _quantize(x):
@@ -160,7 +162,7 @@ def test_in_graph_square_is_at_least_as_strong_as_arts():
 
     import numpy as np
 
-    from bcs_tf.square import SquareAttack, p_schedule
+    from bcs_tf.robustness.square import SquareAttack, p_schedule
 
     # the authors' schedule: p_init halved after 10, 50, 200, … of 10,000 queries
     assert [float(p_schedule(i, 10000, 0.8)) for i in (0, 10, 11, 51, 8001, 9999)] == \
@@ -183,7 +185,7 @@ def test_in_graph_square_is_at_least_as_strong_as_arts():
 def test_in_graph_apgd_is_at_least_as_strong_as_arts(attack):
     import math
 
-    from bcs_tf.apgd import checkpoints
+    from bcs_tf.robustness.apgd import checkpoints
 
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]  # the authors' schedule for 100 iterations
     model, x, y = _model(masked=False)
@@ -236,7 +238,7 @@ def test_in_graph_apgd_follows_the_authors_step_size_schedule(loss_name):
     examples under CE; comparing the first step with the random start's loss instead of 0 changes it under the
     targeted DLR loss, which is negative."""
     from bcs_tf import apgd
-    from bcs_tf.apgd import APGD
+    from bcs_tf.robustness.apgd import APGD
 
     rng = np.random.default_rng(0)
     n = 1024
@@ -264,3 +266,18 @@ def test_in_graph_apgd_follows_the_authors_step_size_schedule(loss_name):
     best_ref, step_ref = _reference_apgd(x, y, loss_grad, eps, n_iter, start)
     assert np.mean(step == step_ref) >= 0.99  # float32 round-off may flip a near-tie in a few examples
     np.testing.assert_allclose(best, best_ref, rtol=1e-4, atol=2e-4)
+
+
+def test_the_run_layers_attack_names_are_the_evaluators():
+    from bcs_run import attacks
+    from bcs_tf.robustness import evaluator
+
+    assert attacks.ATTACKS == Evaluator.ATTACKS
+    assert set(attacks.ATTACK_LABELS) - {"pgd50", "pgd100"} == set(Evaluator.ATTACKS)
+    for name in ("pgd1", "pgd50", "pgd0", "pgd", "pgdx", "apgd-ce"):
+        assert attacks.pgd_steps(name) == evaluator.pgd_steps(name)
+    ev = Evaluator(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), 0.1, 3, verbose=0)
+    for name in Evaluator.ATTACKS + ("pgd7",):
+        assert callable(ev.resolve(name))
+    with pytest.raises(Exception, match="unknown attack"):
+        ev.resolve("fab")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import training.attack_suite  # noqa: F401  (ART closes the logging streams that exist when it is imported)
+import bcs_tf.robustness.art  # noqa: F401  (ART closes the logging streams that exist when it is imported)
 import training.fitting as fitting
 from bcs_tf.checkpoint import check_before_save, has_checkpoint, load_checkpoint, read_state, save_checkpoint
 from bcs_tf.errors import CheckpointError, DivergenceError

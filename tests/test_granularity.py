@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from bcs_tf.attacks import AttackConfig
+from bcs_tf.robustness.attacks import AttackConfig
 from bcs_tf.connectivity import allocate_budget, connectivity_report
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import ChannelGate, SparseConv2D, SparseDense, sparse_layers

@@ -11,6 +11,7 @@ import os, sys
 import bcs_tf, training.run, bcs_run.config
 import tensorflow as tf, keras
 assert 'tensorflow_model_optimization' not in sys.modules, 'TFMOT imported'
+assert 'art' not in sys.modules and 'foolbox' not in sys.modules, 'ART or foolbox imported up front'
 assert os.environ.get('TF_USE_LEGACY_KERAS') is None, 'legacy Keras switched on'
 assert keras.__version__.startswith('3'), keras.__version__
 assert tf.keras.layers.Dense is keras.layers.Dense, 'tf.keras is not Keras 3'

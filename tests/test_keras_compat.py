@@ -49,7 +49,7 @@ def test_the_build_hook_keeps_its_signature_and_builds():
     assert compat.symbolic_build_hook_parameters(keras.Model)[1:] == ("iterator", "data_batch"), (
         "keras.Model._maybe_symbolic_build changed its parameters; RobustTrainer overrides it")
     net, allocation = build_model("small_cnn", "bcs", 0.1, input_shape=(28, 28, 1))
-    from bcs_tf.attacks import AttackConfig
+    from bcs_tf.robustness.attacks import AttackConfig
     from bcs_tf.objectives import make_objective
 
     trainer = RobustTrainer(net, make_objective("at"), AttackConfig(eps=0.1, step_size=0.05, steps=1),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bcs_tf.attacks import AttackConfig
+from bcs_tf.robustness.attacks import AttackConfig
 from bcs_tf.hydra import HydraScoreTrainer, scaled_score_init
 from bcs_tf.inheritance import inherit_weights, inherited_positions
 from bcs_tf.layers import sparse_layers

@@ -55,7 +55,7 @@ def _attacked(objective):
     """A small tanh network, a batch of 32 inputs, and the batch attacked by ``objective`` (ε = 0.2, 10 steps)."""
     import keras
 
-    from bcs_tf.attacks import AttackConfig
+    from bcs_tf.robustness.attacks import AttackConfig
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
     x = tf.constant(np.random.default_rng(0).uniform(size=(32, 6)), tf.float32)
@@ -86,7 +86,7 @@ def test_mart_loss_reference():
 def test_mixed_batch_at_attacks_only_the_first_half():
     import keras
 
-    from bcs_tf.attacks import AttackConfig
+    from bcs_tf.robustness.attacks import AttackConfig
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
     x = tf.constant(np.random.default_rng(0).uniform(size=(8, 6)), tf.float32)
@@ -100,6 +100,6 @@ def test_mixed_batch_at_attacks_only_the_first_half():
 
 
 def test_mart_attack_increases_cross_entropy():
-    from bcs_tf.attacks import cross_entropy
+    from bcs_tf.robustness.attacks import cross_entropy
     model, x, y, x_adv = _attacked("mart")
     assert float(tf.reduce_mean(cross_entropy(model(x_adv), y))) > float(tf.reduce_mean(cross_entropy(model(x), y)))

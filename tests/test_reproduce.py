@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from training.reproduce import main, plan
+from training.plan import plan
+from training.reproduce import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,22 +145,23 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
 
 
 def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots(tmp_path):
-    from training import reproduce
+    from training import jobs
+    from training.plan import RunSpec, train_command
 
     runs, out = tmp_path / "runs", tmp_path / "results"
-    dense = reproduce.RunSpec("at/dense_s0", {"method": "dense", "epochs": 1})
-    fixed = reproduce.RunSpec("at/fixed_s0", {"method": "fixed", "epochs": 1, "from": dense.id}, (dense.id,))
-    rewound = reproduce.RunSpec("at/lottery_s0", {"method": "lottery", "epochs": 1, "from": dense.id}, (dense.id,))
-    manifest = reproduce.Manifest(out / "manifest.json", {"preset": "smoke"})
+    dense = RunSpec("at/dense_s0", {"method": "dense", "epochs": 1})
+    fixed = RunSpec("at/fixed_s0", {"method": "fixed", "epochs": 1, "from": dense.id}, (dense.id,))
+    rewound = RunSpec("at/lottery_s0", {"method": "lottery", "epochs": 1, "from": dense.id}, (dense.id,))
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
     manifest.record(dense.id, status="finished")
     (out / "runs" / dense.id).mkdir(parents=True)
     (out / "runs" / dense.id / "metrics.json").write_text("{}")
     (out / "runs" / dense.id / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in dense.attacks}}))
-    assert reproduce._states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
-    assert reproduce._states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
+    assert jobs._states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
+    assert jobs._states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
     archived = {dense.id: out / "runs" / dense.id}
-    assert str(out / "runs" / dense.id) in reproduce.train_command(fixed, runs, archived)
-    assert str(runs / dense.id) in reproduce.train_command(fixed, runs)
+    assert str(out / "runs" / dense.id) in train_command(fixed, runs, archived)
+    assert str(runs / dense.id) in train_command(fixed, runs)
 
 
 @pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),
@@ -172,14 +174,14 @@ def test_bad_reproduce_flags_give_one_line(tmp_path, capsys, argv, needle):
 
 
 def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path, monkeypatch, capsys):
-    from training import reproduce
+    from training import jobs
 
     the_plan = plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
     first, second = list(the_plan.runs.values())[:2]
     runs, out = tmp_path / "runs", tmp_path / "results"
     (runs / first.id).mkdir(parents=True)
     (runs / first.id / "config.json").write_text("{}")  # a stopped run: resumed
-    manifest = reproduce.Manifest(out / "manifest.json", {"preset": "smoke"})
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
     manifest.record(first.id, status="stopped", process_seconds=3000.0)
 
     def finish_instantly(cmd, log, tick=None):  # the resumed process ends at once: all its cost came before
@@ -190,10 +192,10 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
         (run_dir / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in first.attacks}}))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(reproduce, "_call", finish_instantly)
-    monkeypatch.setattr(reproduce, "_collect", lambda *a, **k: None)
+    monkeypatch.setattr(jobs, "_call", finish_instantly)
+    monkeypatch.setattr(jobs, "_collect", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
-        reproduce._execute(the_plan, runs, out, manifest, False, [], collected=None)
+        jobs._execute(the_plan, runs, out, manifest, False, [], collected=None)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[2/"))
     eta_minutes = float(line.rsplit("≈", 1)[1].split()[0])
     rest = sum(spec.cost for spec in list(the_plan.runs.values())[1:])

@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from bcs_tf.attacks import AttackConfig
+from bcs_tf.robustness.attacks import AttackConfig
 from bcs_tf.checkpoint import load_checkpoint, save_checkpoint
 from bcs_tf.connectivity import optimizer_slots
 from bcs_tf.data import make_pipeline, synthetic_arrays

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from bcs_run.rundir import atomic_write
+from training.plan import SPARSITIES, sparsity_group
 ATTACKS = (("clean", "clean"), ("pgd50", "PGD-50"), ("autoattack", "AA"))
 
 
@@ -114,9 +115,6 @@ def hydra_claims(matched):
 
 def sparsity_claims(results):
     """Wang et al.'s claims (and "BCS above the pruning methods across sparsities") on the sparsity table."""
-    from training.reproduce import SPARSITIES
-    from training.tables import sparsity_group
-
     p = results.plan.p
     e = p["sparsity_epochs"]
     g = lambda method, s, matched=False: sparsity_group(method, s, e, matched)  # noqa: E731

@@ -1,10 +1,11 @@
 """``python -m training.evaluate RUN_DIR --attacks clean,pgd50,autoattack``: a trained run's accuracy under attacks.
 
-FGSM, PGD, APGD-CE, APGD-T and Square are bcs_tf's in-graph attacks (PGD with ``--restarts`` keeps the worst
-case per example; ``--apgd art`` / ``--square art`` use the adversarial-robustness-toolbox's instead); the
-Brendel & Bethge L∞ attack comes from foolbox 3. AutoAttack is by default the standard sequence APGD-CE →
-APGD-T → Square, each run on the examples that survived the previous ones, with the accuracy left after each
-part stored (``--autoattack art`` uses ART's ``AutoAttack`` class, which runs a larger, slower set). Writes ``eval.json`` after every attack (``--resume`` continues an interrupted
+The attacks run through ``bcs_tf.robustness.Evaluator``: FGSM, PGD, APGD-CE, APGD-T and Square are in-graph
+(PGD with ``--restarts`` keeps the worst case per example; ``--apgd art`` / ``--square art`` use the
+adversarial-robustness-toolbox's instead); the Brendel & Bethge L∞ attack comes from foolbox 3. AutoAttack is by
+default the standard sequence APGD-CE → APGD-T → Square, each run on the examples that survived the previous
+ones, with the accuracy left after each part stored (``--autoattack art`` uses ART's ``AutoAttack`` class, which
+runs a larger, slower set). Writes ``eval.json`` after every attack (``--resume`` continues an interrupted
 evaluation) and ``eval.md`` (the rows of the paper's HYDRA table), and checks the order
 clean ≥ FGSM ≥ PGD-50 ≥ PGD-100 ≥ AA, warning (and exiting 3 with ``--strict``) on a violation beyond noise or
 on AutoAttack far below PGD: both are signs of gradient masking.
@@ -13,63 +14,14 @@ on AutoAttack far below PGD: both are signs of gradient masking.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import re
 import sys
 
 from bcs_run import cli
+from bcs_run.attacks import ATTACK_NAMES, TABLE_ROWS, VERSION_USERS, order_check, parse_attacks
 from bcs_run.config import finished_network
 from bcs_run.rundir import atomic_write
-
-ORDER = ("clean", "fgsm", "pgd50", "pgd100", "autoattack")
-# the one table of attack names and labels (reports, figures and the reproduction tables), in table order
-ATTACK_LABELS = {"clean": "Clean", "fgsm": "FGSM", "pgd50": "PGD-50", "pgd100": "PGD-100", "bb": "B&B∞",
-                 "autoattack": "AA∞", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "square": "Square"}
-TABLE_ROWS = tuple((label, name) for name, label in ATTACK_LABELS.items())
-AA_GAP = 0.10  # AutoAttack this far below PGD-100 is reported as likely gradient masking
-
-
-AA_STANDARD = ("apgd-ce", "apgd-t", "square")  # AutoAttack's standard set minus FAB-T, which ART lacks
-ATTACKS = ("clean", "fgsm", "apgd-ce", "apgd-t", "square", "autoattack", "bb")  # and pgdK for any K ≥ 1
-ATTACK_NAMES = "clean, fgsm, pgdK (e.g. pgd50), apgd-ce, apgd-t, square, autoattack, bb"
-# the attacks whose results depend on the --square / --apgd implementation chosen
-VERSION_USERS = {"square": ("square", "autoattack"), "apgd": ("apgd-ce", "apgd-t", "autoattack")}
-
-
-def pgd_steps(name):
-    """K of an attack name ``pgdK``, else None."""
-    match = re.fullmatch(r"pgd(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
-def parse_attacks(text):
-    """The attack names of ``--attacks``, checked (unknown names and PGD with 0 steps are refused)."""
-    names = [a.strip() for a in text.split(",") if a.strip()]
-    if not names:
-        raise cli.FlagError(f"--attacks: name at least one of {ATTACK_NAMES}. Received: {text!r}")
-    for name in names:
-        if name not in ATTACKS and not pgd_steps(name):
-            why = "PGD needs at least one step" if pgd_steps(name) == 0 else "unknown attack"
-            raise cli.FlagError(f"--attacks: {why} {name!r}; choose from {ATTACK_NAMES}")
-    return names
-
-
-def order_check(results, n):
-    """Violations of clean ≥ FGSM ≥ PGD-50 ≥ PGD-100 ≥ AA beyond noise, and AA far below PGD-100."""
-    present = [(k, results[k]["accuracy"]) for k in ORDER if k in results]
-    problems = []
-    for (weak, a_weak), (strong, a_strong) in zip(present, present[1:]):
-        p = max(a_weak, a_strong)
-        noise = max(0.005, 2 * math.sqrt(p * (1 - p) / max(n, 1)))
-        if a_strong > a_weak + noise:
-            problems.append(f"{strong} accuracy {a_strong:.4f} exceeds {weak} {a_weak:.4f} by more than noise "
-                            f"({noise:.4f})")
-    if "autoattack" in results and "pgd100" in results:
-        gap = results["pgd100"]["accuracy"] - results["autoattack"]["accuracy"]
-        if gap > AA_GAP:
-            problems.append(f"AutoAttack is {gap:.3f} below PGD-100: gradient-based attacks are being fooled")
-    return problems
 
 
 def markdown_table(results, eps, n):
@@ -179,8 +131,10 @@ def evaluate(args, names):
     from bcs_tf.data import load_dataset
     from bcs_run.config import load_finished_run
 
+    from bcs_tf.robustness import Evaluator
+
     with cli.native_output(args.verbose):  # ART's import warns that PyTorch is absent
-        from training.attack_suite import Evaluator
+        import bcs_tf.robustness.art  # noqa: F401  (once, up front: it closes the logging streams that exist)
 
     run_dir = pathlib.Path(args.run_dir)
     out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"

@@ -17,7 +17,7 @@ import sys
 
 from bcs_run import cli
 from bcs_run.rundir import RunDir, atomic_write
-from training.evaluate import ATTACK_LABELS
+from bcs_run.attacks import ATTACK_LABELS
 
 CURVES = (("clean_acc", "train clean", "C0", ":"), ("robust_acc", "train robust", "C3", ":"),
           ("val_clean_acc", "validation clean", "C0", "-"), ("val_robust_acc", "validation robust", "C3", "-"))

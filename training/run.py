@@ -148,7 +148,7 @@ def _test_and_save(ctx, start, trainer, saver, t_start):
     """The end of :func:`train`: test clean and PGD accuracy, write ``model.keras`` and ``metrics.json``."""
     from bcs_tf.checkpoint import check_before_save, write_h5
     from bcs_tf.connectivity import connectivity_report
-    from bcs_tf.evaluation import robust_accuracy
+    from bcs_tf.robustness import robust_accuracy
 
     cfg, data, out, verbose = ctx.cfg, ctx.data, ctx.out, ctx.verbose
     train_seconds = saver.train_seconds if saver.trained else saver.seconds_before

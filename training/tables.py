@@ -12,8 +12,10 @@ import re
 
 import numpy as np
 
+from bcs_run.attacks import TABLE_ROWS
 from bcs_run.rundir import RunDir, atomic_write
-from training.evaluate import TABLE_ROWS
+from training.claims import write_claims
+from training.plan import SPARSITIES, SPARSITY_METHODS, sparsity_group
 
 ATTACK_ROWS = TABLE_ROWS[:6]  # the HYDRA table's rows: clean to AutoAttack
 OBJECTIVE_NAMES = {"natural": "Natural training", "at": "Standard AT (Madry)", "mat": "Mixed-batch AT",
@@ -166,21 +168,8 @@ def hydra_table(results):
     return "\n".join(lines)
 
 
-def sparsity_group(method, sparsity, epochs, matched=False):
-    """The group of ``method`` at ``sparsity`` in the sparsity table (``matched``: the compute-matched BCS or
-    dense control, trained twice as long)."""
-    if sparsity == 0:
-        return f"at/dense_e{2 * epochs if matched else epochs}"
-    c = f"{round(1 - sparsity, 6):g}"
-    tag = {"lottery_reinit": "_reinit", "lottery_rw0": "_rw0"}.get(method, "")
-    method = "lottery" if method.startswith("lottery") else method
-    return f"at/{method}_c{c}{tag}_e{2 * epochs if matched else epochs}"
-
-
 def sparsity_table(results):
     """Robust and clean accuracy against sparsity per method, and IWI against plain AT of the large network."""
-    from training.reproduce import SPARSITIES, SPARSITY_METHODS
-
     p = results.plan.p
     e = p["sparsity_epochs"]
     columns = [(SPARSITY_LABELS[m], m, False) for m in SPARSITY_METHODS]
@@ -225,8 +214,6 @@ def sparsity_figure(results, path):
     """``sparsity.png``: PGD-50 and clean accuracy against connectivity (log scale), one line per method, with
     error bars (std over seeds), the y-range fitted to the data and the legend below the axes."""
     from training.report import pyplot, save_figure
-    from training.reproduce import SPARSITIES, SPARSITY_METHODS
-
     p = results.plan.p
     e = p["sparsity_epochs"]
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 5.6))
@@ -289,7 +276,6 @@ def connectivity_figure(results, path):
 def write_tables(tables, the_plan, out):
     """Write the tables, the claims (training.claims) and the figures of ``tables`` into ``out`` from the runs
     collected in ``out/runs``; returns the paths written."""
-    from training.claims import write_claims
 
     results = Results(the_plan, out / "runs")
     out.mkdir(parents=True, exist_ok=True)

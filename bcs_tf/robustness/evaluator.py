@@ -1,24 +1,34 @@
-"""The attacks of ``training.evaluate`` on a Keras network: bcs_tf's in-graph FGSM/PGD, APGD-CE, APGD-T and
-Square (ART's behind ``apgd="art"`` / ``square="art"``), ART's AutoAttack class, foolbox's Brendel & Bethge;
-AutoAttack's standard sequence on the survivors."""
+"""The one evaluation path: a network's accuracy under named attacks, in batches, with progress bars.
+
+In-graph FGSM/PGD, APGD-CE, APGD-T and Square (ART's APGD and Square behind ``apgd="art"`` / ``square="art"``,
+ART's AutoAttack class behind ``autoattack="art"``), foolbox's Brendel & Bethge, and AutoAttack's standard
+sequence on the survivors. ``training.evaluate``, the test evaluation at the end of ``training.run``
+(:func:`robust_accuracy`) and the export's transfer check (:meth:`Evaluator.pgd_examples`) all run through it.
+ART and foolbox are imported only when one of their attacks runs.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-# ART's import runs logging.config.dictConfig, which closes every logging handler that exists at that moment
-# (absl's closes its stream when that is not the current sys.stderr): import it here, once, up front.
-from art.estimators.classification import TensorFlowV2Classifier
-
-from bcs_tf.apgd import APGD, apgd_targeted, ce_loss, targeted_dlr_loss
-from bcs_tf.attacks import default_step_size, fgsm, pgd_restarts
 from bcs_tf.errors import ConfigError
-from bcs_tf.square import SquareAttack
-from training.evaluate import AA_STANDARD, pgd_steps
+from bcs_tf.robustness.apgd import APGD, apgd_targeted, ce_loss, target_classes, targeted_dlr_loss
+from bcs_tf.robustness.attacks import default_step_size, fgsm, pgd_restarts
+from bcs_tf.robustness.square import SquareAttack
+
+AA_STANDARD = ("apgd-ce", "apgd-t", "square")  # AutoAttack's standard set minus FAB-T, which ART lacks
+
+
+def pgd_steps(name):
+    """K of an attack name ``pgdK``, else None."""
+    match = re.fullmatch(r"pgd(\d+)", name)
+    return int(match.group(1)) if match else None
+
 
 class InferenceFunction:
     """``net`` in inference mode as one compiled function.
@@ -36,30 +46,6 @@ class InferenceFunction:
         return self._fn(tf.cast(x, tf.float32))
 
 
-class VectorisedDLRLoss:
-    """ART's APGD "difference_logits_ratio" loss, −(z_y − z_i) / (z_π1 − z_π3), without ART's Python loop.
-
-    z_i is the largest logit other than z_y. ART loops over the batch in Python to find i, which made its
-    APGD-T 2.7× slower than APGD-CE here; this computes the same value batched (checked against ART's in
-    tests). ``reduction`` is set by ART's estimator ("none", "sum", or else mean).
-    """
-
-    def __init__(self):
-        self.reduction = "mean"
-
-    def __call__(self, y_true, y_pred, *args, **kwargs):
-        label = tf.argmax(tf.cast(y_true, tf.int32), axis=1, output_type=tf.int32)
-        order = tf.argsort(y_pred, axis=1)
-        ranked = tf.gather(y_pred, order, batch_dims=1)
-        other = tf.where(order[:, -1] != label, order[:, -1], order[:, -2])
-        z_y = tf.gather(y_pred, label[:, None], batch_dims=1)[:, 0]
-        z_i = tf.gather(y_pred, other[:, None], batch_dims=1)[:, 0]
-        dlr = -(z_y - z_i) / (ranked[:, -1] - ranked[:, -3])
-        if self.reduction == "none":
-            return dlr
-        return tf.reduce_sum(dlr) if self.reduction == "sum" else tf.reduce_mean(dlr)
-
-
 class Evaluator:
     """Runs named attacks on ``net`` (logits model, inputs in [0, 1]) in batches with progress bars.
 
@@ -67,17 +53,17 @@ class Evaluator:
     APGD-T when they ran before it, exactly as its standard version runs each attack only on the survivors.
     """
 
+    ATTACKS = ("clean", "fgsm", "apgd-ce", "apgd-t", "square", "autoattack", "bb")  # and pgdK for any K ≥ 1
+
     def __init__(self, net, eps, num_classes, batch_size=256, restarts=1, seed=0, square_queries=5000,
-                 verbose=1, bb_steps=1000, autoattack="standard", square="tf", apgd="tf"):
-        if autoattack not in ("standard", "art"):
-            raise ConfigError(f"--autoattack must be 'standard' or 'art'. Received: {autoattack!r}")
-        if square not in ("tf", "art"):
-            raise ConfigError(f"--square must be 'tf' or 'art'. Received: {square!r}")
-        if apgd not in ("tf", "art"):
-            raise ConfigError(f"--apgd must be 'tf' or 'art'. Received: {apgd!r}")
+                 verbose=1, bb_steps=1000, autoattack="standard", square="tf", apgd="tf", norm="linf"):
+        for flag, value, choices in (("autoattack", autoattack, ("standard", "art")), ("square", square, ("tf", "art")),
+                                     ("apgd", apgd, ("tf", "art"))):
+            if value not in choices:
+                raise ConfigError(f"--{flag} must be {' or '.join(map(repr, choices))}. Received: {value!r}")
         self.square_version, self.apgd_version = square, apgd
         self.net, self.eps, self.num_classes = InferenceFunction(net), float(eps), num_classes
-        self.batch_size, self.restarts, self.seed = batch_size, restarts, seed
+        self.batch_size, self.restarts, self.seed, self.norm = batch_size, restarts, seed, norm
         self.square_queries, self.verbose, self.bb_steps = square_queries, verbose, bb_steps
         self.autoattack_version = autoattack
         self._classifiers, self._apgd_tf = {}, {}
@@ -87,15 +73,26 @@ class Evaluator:
         """Logits in inference mode."""
         return self.net(x)
 
+    def _correct(self, x, y):
+        return np.argmax(self.predict(x), 1) == y
+
     def art_classifier(self, loss="cross_entropy"):
         """The network wrapped for ART with ``loss`` ("cross_entropy" or "dlr"), built once each."""
+        import bcs_tf.robustness.art as art
+
         if loss not in self._classifiers:
-            loss_object = (keras.losses.SparseCategoricalCrossentropy(from_logits=True) if loss == "cross_entropy"
-                           else VectorisedDLRLoss())
-            self._classifiers[loss] = TensorFlowV2Classifier(
-                model=self.net, nb_classes=self.num_classes, input_shape=tuple(self.net.input_shape[1:]),
-                loss_object=loss_object, clip_values=(0.0, 1.0))
+            self._classifiers[loss] = art.classifier(self.net, self.num_classes, loss)
         return self._classifiers[loss]
+
+    def _art_apgd(self, loss, targeted):
+        import bcs_tf.robustness.art as art
+
+        return art.apgd(self.art_classifier(loss), self.eps, targeted, self.restarts, self.batch_size)
+
+    def _art_square(self):
+        import bcs_tf.robustness.art as art
+
+        return art.square(self.art_classifier(), self.eps, self.square_queries, self.batch_size)
 
     def _apgd_in_graph(self, loss, restart):
         """bcs_tf's APGD with ``loss`` for random start ``restart``, built (and traced) once."""
@@ -104,95 +101,84 @@ class Evaluator:
             self._apgd_tf[key] = APGD(self.predict, self.eps, loss=loss, seed=self.seed + restart)
         return self._apgd_tf[key]
 
-    def _on_survivors(self, attack, x, y):
-        """Still-correct booleans after ``attack(x, y, restart)`` ran once per random restart, each time on the
-        examples no earlier restart broke."""
+    def _on_survivors(self, attack, x, y, passes, among=None):
+        """Still-correct booleans after ``attack(idx, p)`` (the still-correct booleans of ``x[idx]``) ran once per
+        pass ``p`` (a random restart, a target rank), each time on the examples no earlier pass broke (and, with
+        ``among``, only on those it marks)."""
         robust = self.clean(x, y)
-        for restart in range(self.restarts):
-            idx = np.flatnonzero(robust)
-            if len(idx):
-                robust[idx] = attack(x[idx], y[idx], restart)
+        for p in passes:
+            idx = np.flatnonzero(robust if among is None else robust & among)
+            if not len(idx):
+                break
+            robust[idx] = attack(idx, p)
         return robust
-
-    def _apgd(self, loss, targeted, max_iter=100):
-        from art.attacks.evasion import AutoProjectedGradientDescent
-
-        # loss_type=None: APGD uses the classifier's own loss (ART's DLR loss, vectorised, for "dlr").
-        return AutoProjectedGradientDescent(
-            self.art_classifier(loss), norm=np.inf, eps=self.eps, eps_step=2 * self.eps, max_iter=max_iter,
-            targeted=targeted, nb_random_init=self.restarts, batch_size=self.batch_size, loss_type=None,
-            verbose=False)
-
-    def _square(self):
-        from art.attacks.evasion import SquareAttack as ArtSquare
-
-        return ArtSquare(self.art_classifier(), norm=np.inf, eps=self.eps, max_iter=self.square_queries,
-                            nb_restarts=1, batch_size=self.batch_size, verbose=False)
 
     # Each attack maps a batch (x, y) to a boolean array: still correctly classified.
     def clean(self, x, y):
-        return np.argmax(self.predict(x), 1) == y
+        return self._correct(x, y)
 
     def fgsm(self, x, y):
-        return np.argmax(self.predict(fgsm(self.predict, x, y, self.eps)), 1) == y
+        return self._correct(fgsm(self.predict, x, y, self.eps, norm=self.norm), y)
 
     def pgd(self, steps):
+        """The batch function of PGD-``steps`` (step 2.5·ε/steps, ``restarts`` random starts, the worst kept)."""
+        attack = self._pgd_attack(steps)
+        return lambda x, y: self._correct(attack(tf.constant(x, tf.float32), tf.constant(y)), y)
+
+    def _pgd_attack(self, steps):
         gen = keras.random.SeedGenerator(self.seed)
 
         @tf.function(reduce_retracing=True)
         def attack(xb, yb):
             return pgd_restarts(self.predict, xb, yb, self.eps, default_step_size(self.eps, steps), steps,
-                                restarts=self.restarts, seed=gen)
+                                restarts=self.restarts, norm=self.norm, seed=gen)
 
-        return lambda x, y: np.argmax(self.predict(attack(tf.constant(x), tf.constant(y))), 1) == y
+        return attack
+
+    def pgd_examples(self, x, y, steps):
+        """PGD-``steps`` adversarial examples of all of ``x`` (e.g. to transfer to an exported file)."""
+        attack = self._pgd_attack(steps)
+        return np.concatenate([np.asarray(attack(tf.constant(x[i:i + self.batch_size], tf.float32),
+                                                 tf.constant(np.asarray(y[i:i + self.batch_size], np.int32))))
+                               for i in range(0, len(x), self.batch_size)])
 
     def apgd_ce(self, x, y):
         """APGD with cross-entropy, 100 iterations, ``restarts`` random starts."""
         if self.apgd_version == "tf":
-            return self._on_survivors(lambda xs, ys, restart: self._apgd_in_graph(ce_loss, restart)(xs, ys), x, y)
-        x_adv = self._apgd("cross_entropy", False).generate(x, y=y)
-        return np.argmax(self.predict(x_adv), 1) == y
+            return self._on_survivors(lambda idx, r: self._apgd_in_graph(ce_loss, r)(x[idx], y[idx]), x, y,
+                                      range(self.restarts))
+        return self._correct(self._art_apgd("cross_entropy", False).generate(x, y=y), y)
 
     def apgd_t(self, x, y):
         """Targeted APGD-DLR against each of the top-9 wrong classes (as AutoAttack's APGD-T)."""
         if self.apgd_version == "tf":
             return self._on_survivors(
-                lambda xs, ys, restart: apgd_targeted(self.predict, xs, ys, self.eps, batch_size=self.batch_size,
-                                                      attack=self._apgd_in_graph(targeted_dlr_loss, restart)), x, y)
-        attack = self._apgd("dlr", True)
-        ranking = np.argsort(-np.asarray(self.predict(x)), axis=1)
-        robust = self.clean(x, y)
-        for rank in range(1, min(10, self.num_classes)):
-            target = np.where(ranking[:, 0] == y, ranking[:, rank], ranking[:, rank - 1])
-            idx = np.flatnonzero(robust)
-            if not len(idx):
-                break
-            x_adv = attack.generate(x[idx], y=target[idx])
-            robust[idx] &= np.argmax(self.predict(x_adv), 1) == y[idx]
-        return robust
+                lambda idx, r: apgd_targeted(self.predict, x[idx], y[idx], self.eps, batch_size=self.batch_size,
+                                             attack=self._apgd_in_graph(targeted_dlr_loss, r)), x, y,
+                range(self.restarts))
+        attack = self._art_apgd("dlr", True)
+        targets = target_classes(self.predict(x), y, min(9, self.num_classes - 1))
+        return self._on_survivors(lambda idx, rank: self._correct(attack.generate(x[idx], y=targets[idx, rank]),
+                                                                   y[idx]), x, y, range(targets.shape[1]))
 
     def square(self, x, y):
         """Square attack (score-based, no gradients) with ``square_queries`` queries: bcs_tf's in-graph one, or
         ART's with ``square="art"``."""
-        robust = self.clean(x, y)
-        idx = np.flatnonzero(robust)
-        if len(idx):
-            if self.square_version == "tf":
-                x_adv = SquareAttack(self.predict, self.eps, self.square_queries, seed=self.seed)(x[idx], y[idx])
-            else:
-                x_adv = self._square().generate(x[idx], y=y[idx])
-            robust[idx] = np.argmax(self.predict(x_adv), 1) == y[idx]
-        return robust
+        if self.square_version == "tf":
+            attack = lambda xs, ys: SquareAttack(self.predict, self.eps, self.square_queries,  # noqa: E731
+                                                 seed=self.seed)(xs, ys)
+        else:
+            attack = lambda xs, ys: self._art_square().generate(xs, y=ys)  # noqa: E731
+        return self._on_survivors(lambda idx, _: self._correct(attack(x[idx], y[idx]), y[idx]), x, y, [0])
 
     def autoattack_art(self, x, y):
         """ART's AutoAttack class: APGD-CE, APGD-DLR and Square untargeted, then APGD-CE and APGD-DLR against
         every other class (a superset of the standard set, and slower)."""
-        from art.attacks.evasion import AutoAttack
+        import bcs_tf.robustness.art as art
 
-        attacks = [self._apgd("cross_entropy", False), self._apgd("dlr", True), self._square()]
-        aa = AutoAttack(self.art_classifier(), norm=np.inf, eps=self.eps, eps_step=2 * self.eps, attacks=attacks,
-                        batch_size=self.batch_size, targeted=True)
-        return np.argmax(self.predict(aa.generate(x, y=y)), 1) == y
+        attacks = [self._art_apgd("cross_entropy", False), self._art_apgd("dlr", True), self._art_square()]
+        return self._correct(art.autoattack(self.art_classifier(), attacks, self.eps, self.batch_size)
+                             .generate(x, y=y), y)
 
     def bb(self, x, y):
         """foolbox 3 Brendel & Bethge L∞ (a minimum-norm attack), counted robust when its ‖δ‖∞ > ε.
@@ -210,16 +196,16 @@ class Evaluator:
             if len(other):
                 j = other[np.argmin(np.abs(x[other] - x[i]).reshape(len(other), -1).max(axis=1))]
                 starts[i], has_start[i] = x[j], True
-        robust = self.clean(x, y)
-        idx = np.flatnonzero(robust & has_start)
-        if len(idx):
+
+        def attack(idx, _):
             fmodel = foolbox.TensorFlowModel(self.net, bounds=(0.0, 1.0))
-            attack = foolbox.attacks.LinfinityBrendelBethgeAttack(steps=self.bb_steps)
             # int64 labels: eagerpy's dtype promotion uses an API numpy 2 removed.
-            _, _, success = attack(fmodel, tf.constant(x[idx]), tf.constant(y[idx].astype(np.int64)),
-                                   epsilons=self.eps, starting_points=tf.constant(starts[idx]))
-            robust[idx] = ~np.asarray(success)
-        return robust
+            _, _, success = foolbox.attacks.LinfinityBrendelBethgeAttack(steps=self.bb_steps)(
+                fmodel, tf.constant(x[idx]), tf.constant(y[idx].astype(np.int64)), epsilons=self.eps,
+                starting_points=tf.constant(starts[idx]))
+            return ~np.asarray(success)
+
+        return self._on_survivors(attack, x, y, [0], among=has_start)
 
     def run(self, name, x, y):
         """Accuracy under attack ``name`` on ``(x, y)`` and the seconds it took (after the standard AutoAttack,
@@ -275,4 +261,16 @@ class Evaluator:
             return self.pgd(steps)
         table = {"clean": self.clean, "fgsm": self.fgsm, "apgd-ce": self.apgd_ce, "apgd-t": self.apgd_t,
                  "square": self.square, "autoattack": self.autoattack_art, "bb": self.bb}
+        if name not in table:
+            raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(self.ATTACKS)} or pgdK")
         return table[name]
+
+
+def robust_accuracy(net, x, y, eps, steps, restarts=1, norm="linf", batch_size=256, seed=0, verbose=1):
+    """``(clean accuracy, PGD-``steps`` accuracy)`` of ``net`` on ``(x, y)`` (step 2.5·ε/steps from a random
+    start, ``restarts`` times, the worst case kept per example); with no steps or ε = 0 both are the clean one."""
+    ev = Evaluator(net, eps, None, batch_size, restarts, seed, verbose=verbose, norm=norm)
+    clean, _ = ev.run("clean", x, y)
+    if steps <= 0 or eps <= 0:
+        return clean, clean
+    return clean, ev.run(f"pgd{steps}", x, y)[0]

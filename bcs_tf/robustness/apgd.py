@@ -16,7 +16,6 @@ towards its 9 most likely wrong classes in one run rather than in 9 sequential o
 
 from __future__ import annotations
 
-
 import numpy as np
 import tensorflow as tf
 
@@ -126,6 +125,14 @@ class APGD:
         return self.run(x, y, target)[0]
 
 
+def target_classes(logits, y, n_targets=9):
+    """AutoAttack's APGD-T targets, ``(n, n_targets)``: per example the most likely classes other than ``y``, in
+    order (the top class is skipped when it is ``y``)."""
+    ranking = np.argsort(-np.asarray(logits), axis=1)
+    return np.stack([np.where(ranking[:, 0] == y, ranking[:, r], ranking[:, r - 1])
+                     for r in range(1, n_targets + 1)], axis=1)
+
+
 def apgd_targeted(predict, x, y, eps, n_iter=100, n_targets=9, seed=0, batch_size=256, attack=None):
     """AutoAttack's APGD-T: targeted DLR against each of the ``n_targets`` most likely wrong classes, all targets
     of a chunk of examples in one batched run; returns the still-correct booleans. ``attack`` reuses an
@@ -134,9 +141,7 @@ def apgd_targeted(predict, x, y, eps, n_iter=100, n_targets=9, seed=0, batch_siz
                              for i in range(0, len(x), batch_size)])
     robust = np.argmax(logits, 1) == y
     n_targets = min(n_targets, logits.shape[1] - 1)
-    ranking = np.argsort(-logits, axis=1)
-    targets = np.stack([np.where(ranking[:, 0] == y, ranking[:, r], ranking[:, r - 1])
-                        for r in range(1, n_targets + 1)], axis=1)  # (n, n_targets)
+    targets = target_classes(logits, y, n_targets)
     attack = attack or APGD(predict, eps, n_iter, targeted_dlr_loss, seed)
     idx = np.flatnonzero(robust)
     per_chunk = max(1, batch_size // n_targets)

@@ -1,0 +1,259 @@
+"""What a reproduction runs: the presets, every run a table of the two seed papers needs (flags, sources,
+evaluations, relative cost), in dependency and value order, and the command lines that train and evaluate a run.
+``training.tables`` and ``training.claims`` read the same plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+TABLES = ("bcs", "hydra", "sparsity")
+BCS_OBJECTIVES = ("natural", "at", "mat", "trades", "mart")  # the rows of the BCS paper's tables
+SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+SPARSITY_METHODS = ("fixed", "lottery", "lottery_rw0", "lottery_reinit", "bcs", "hydra")
+FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
+AA_ATTACKS = ("clean", "autoattack")  # eval_aa.json: AutoAttack (and the clean accuracy it starts from)
+# relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
+OBJECTIVE_COST = {"natural": 0.25, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
+RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the evaluation, in the same units
+AA_COST = 5.0  # AutoAttack on 1,000 test images of small_cnn, in the same units
+
+PRESETS = {
+    # 3 seeds of every robust cell, compute-matched controls, PGD-50 on all 10,000 test images and AutoAttack on
+    # 1,000 for the 99% models and the 90% BCS / Fixed / HYDRA ones: 234 runs, ≈ 25 h of 2-core machine time
+    "quick": {"epochs": 5, "val_split": 1000, "eval_examples": 10000, "bcs_objectives": ("natural", "at", "trades"),
+              "sparsity_epochs": 3, "prune_rounds": 2, "round_epochs": 1, "eps": 0.1, "seeds": 3, "matched": True,
+              "aa_examples": 1000},
+    # a few seconds per run on the synthetic task: for tests of the orchestration, not for results
+    "smoke": {"epochs": 2, "val_split": 128, "eval_examples": 64, "bcs_objectives": ("at",), "sparsity_epochs": 1,
+              "prune_rounds": 2, "round_epochs": 1, "eps": 0.1},
+    # the one-seed 20-epoch table of results/fashion_mnist-full (its settings stay as they were made)
+    "full": {"epochs": 20, "val_split": 5000, "eval_examples": 1000, "bcs_objectives": BCS_OBJECTIVES,
+             "sparsity_epochs": 20, "prune_rounds": 3, "round_epochs": 10, "eps": 0.1},
+}
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation
+    (``attacks`` on the preset's ``eval_examples`` into eval.json; ``aa``: AutoAttack on ``aa_examples`` into
+    eval_aa.json)."""
+
+    id: str
+    flags: dict
+    deps: tuple = ()
+    attacks: tuple = ("clean", "pgd50")
+    aa: bool = False
+
+    @property
+    def needs_source_run(self):
+        """Whether ``--from`` must be a whole run directory: a rewound lottery ticket reads its epoch snapshots;
+        every other method reads only the source's finished network, which its archive holds."""
+        return self.flags["method"] == "lottery" and not self.flags.get("reinit")
+
+    @property
+    def total_epochs(self):
+        """Epochs of this run's own phases (score learning and intermediate pruning rounds included)."""
+        epochs = self.flags["epochs"]
+        if self.flags["method"] == "hydra":  # training.run's default score phase when the flag is not given
+            epochs += self.flags.get("score_epochs") or max(1, round(0.2 * self.flags["epochs"]))
+        if self.flags["method"] == "lottery" and not self.flags.get("reinit"):
+            epochs += (self.flags["prune_rounds"] - 1) * self.flags["round_epochs"]
+        return epochs
+
+    @property
+    def cost(self):
+        """Estimated cost in AT-epoch units (for the ETA)."""
+        width = {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
+        return ((self.total_epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * width
+                + (AA_COST * width if self.aa else 0.0))
+
+
+def _conn(sparsity):
+    return round(1.0 - sparsity, 6)
+
+
+AA_SCOPES = ("preset", "99", "none")
+AA_DEFAULT_EXAMPLES = 1000
+
+
+def _wants_aa(objective, method, connectivity, scope):
+    """AutoAttack for every robust 99% model and, in the ``preset`` scope, the 90% BCS, Fixed and HYDRA ones."""
+    if scope == "none" or objective == "natural" or method == "dense":
+        return False
+    return connectivity <= 0.01 or (scope == "preset" and method in ("bcs", "fixed", "hydra"))
+
+
+class Plan:
+    """The runs the requested tables need, deduplicated, in dependency order and, across tables, in the order of
+    value (see :func:`plan`)."""
+
+    def __init__(self, dataset, preset, seeds, full_eval, aa="preset"):
+        self.dataset, self.p, self.full_eval = dataset, dict(PRESETS[preset]), full_eval
+        if aa == "99":  # e.g. the full preset's 99% models, which its own settings do not attack with AutoAttack
+            self.p.setdefault("aa_examples", AA_DEFAULT_EXAMPLES)
+        self.aa = "none" if not self.p.get("aa_examples") else aa
+        self.seeds = seeds or self.p.get("seeds", 1)
+        self.runs = {}
+
+    def add(self, spec):
+        if spec.id in self.runs:
+            old = self.runs[spec.id]
+            old.attacks = tuple(dict.fromkeys(old.attacks + spec.attacks))
+            old.aa = old.aa or spec.aa
+            return old
+        for dep in spec.deps:
+            if dep not in self.runs:
+                raise AssertionError(f"{spec.id} depends on {dep}, which is not planned before it")
+        if self.full_eval:
+            spec.attacks = tuple(dict.fromkeys(spec.attacks + FULL_ATTACKS))
+        self.runs[spec.id] = spec
+        return spec
+
+    def run(self, objective, method, connectivity, seed, epochs=None, source=None, attacks=("clean", "pgd50"),
+            tag="", **extra):
+        """Plan one run (and return its id)."""
+        name = method if connectivity >= 1 else f"{method}_c{connectivity:g}"
+        rid = f"{objective}/{name}{tag}_s{seed}"
+        flags = {"objective": objective, "method": method, "connectivity": connectivity, "dataset": self.dataset,
+                 "epochs": epochs or self.p["epochs"], "val_split": self.p["val_split"], "eps": self.p["eps"],
+                 "seed": seed, **extra}
+        if objective == "natural":  # no robustness to select by: the best epoch is the best clean one
+            flags["select_by"] = "clean"
+        if source:
+            flags["from"] = source
+        aa = _wants_aa(objective, method, connectivity, self.aa)
+        return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks), aa)).id
+
+    @property
+    def matched_epochs(self):
+        """Total epochs of Fixed (dense pre-training + fine-tuning): what the compute-matched controls train."""
+        return 2 * self.p["epochs"]
+
+    def _bcs_cells(self, objective, seed, connectivities):
+        dense = self.run(objective, "dense", 1.0, seed)
+        for c in connectivities:
+            self.run(objective, "fixed", c, seed, source=dense)
+            self.run(objective, "random", c, seed)
+            self.run(objective, "bcs", c, seed)
+            if self.p.get("matched") and objective != "natural":
+                e = self.matched_epochs
+                self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}")
+                self.run(objective, "random", c, seed, epochs=e, tag=f"_e{e}")
+        return dense
+
+    def _robust_objectives(self):
+        return [o for o in self.p["bcs_objectives"] if o != "natural"]
+
+    def bcs_99(self):
+        """The 99% columns of the robust rows (with their compute-matched controls), seed by seed."""
+        for seed in range(self.seeds):
+            for objective in self._robust_objectives():
+                self._bcs_cells(objective, seed, (0.01,))
+
+    def bcs_rest(self):
+        """The 90% columns, the long dense control and the natural-training row."""
+        for seed in range(self.seeds):
+            for objective in self.p["bcs_objectives"]:
+                self._bcs_cells(objective, seed, (0.1, 0.01))
+                if self.p.get("matched") and objective != "natural":
+                    self.run(objective, "dense", 1.0, seed, epochs=self.matched_epochs, tag=f"_e{self.matched_epochs}")
+
+    def hydra_table(self):
+        attacks = ("clean", "fgsm", "pgd50", "pgd100")
+        for seed in range(self.seeds):
+            for objective in ("at", "trades"):
+                dense = self.run(objective, "dense", 1.0, seed)
+                for c in (0.01, 0.1):
+                    self.run(objective, "hydra", c, seed, source=dense, attacks=attacks)
+                    self.run(objective, "bcs", c, seed, attacks=attacks)
+                    if self.p.get("matched"):
+                        e = self.matched_epochs
+                        self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}", attacks=attacks)
+
+    def sparsity_table(self):
+        p = self.p
+        e = p["sparsity_epochs"]
+        lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
+        for seed in range(self.seeds):
+            dense = self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")
+            if p.get("matched"):  # Wang et al.'s "natural pruning": the mask and weights of a naturally trained
+                natural = self.run("natural", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")  # network, then AT
+                for c in (0.1, 0.01):
+                    self.run("at", "fixed", c, seed, epochs=e, source=natural, tag=f"_natsrc_e{e}")
+            # the extremes first, so a stopped reproduction has the most telling cells
+            for s in sorted(SPARSITIES[1:], key=lambda s: (s not in (0.99, 0.9), -s)):
+                c = _conn(s)
+                self.run("at", "fixed", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+                ticket = self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
+                self.run("at", "lottery", c, seed, epochs=e, source=ticket, tag=f"_reinit_e{e}", reinit=True)
+                if p.get("matched"):
+                    self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_rw0_e{e}", rewind_epoch=0,
+                             **lottery)
+                self.run("at", "bcs", c, seed, epochs=e, tag=f"_e{e}")
+                self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+                if p.get("matched"):  # BCS for as many epochs as Fixed spends (dense pre-training included)
+                    self.run("at", "bcs", c, seed, epochs=2 * e, tag=f"_e{2 * e}")
+            if p.get("matched"):
+                self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_e{2 * e}")
+            small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
+            self.run("at", "iwi", 1.0, seed, epochs=e, source=small, tag=f"_x2_e{e}", model="small_cnn_x2")
+            self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
+            if p.get("matched"):  # plain AT of the large network for IWI's total (small network + IWI)
+                self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_x2_e{2 * e}", model="small_cnn_x2")
+
+
+def plan(tables, dataset, preset, seeds=None, full_eval=False, aa="preset"):
+    """The :class:`Plan` of ``tables`` (``seeds`` None: the preset's). Across tables the runs come in the order of
+    value: the 99% columns of the robust BCS rows with their controls, then HYDRA, then the rest of the BCS
+    table, then the sparsity table and IWI."""
+    p = Plan(dataset, preset, seeds, full_eval, aa)
+    for table, part in (("bcs", p.bcs_99), ("hydra", p.hydra_table), ("bcs", p.bcs_rest),
+                        ("sparsity", p.sparsity_table)):
+        if table in tables:
+            part()
+    return p
+
+
+# ---- execution ---------------------------------------------------------------------------------------------
+
+
+def sparsity_group(method, sparsity, epochs, matched=False):
+    """The group of ``method`` at ``sparsity`` in the sparsity table (``matched``: the compute-matched BCS or
+    dense control, trained twice as long)."""
+    if sparsity == 0:
+        return f"at/dense_e{2 * epochs if matched else epochs}"
+    c = f"{round(1 - sparsity, 6):g}"
+    tag = {"lottery_reinit": "_reinit", "lottery_rw0": "_rw0"}.get(method, "")
+    method = "lottery" if method.startswith("lottery") else method
+    return f"at/{method}_c{c}{tag}_e{2 * epochs if matched else epochs}"
+
+
+def train_command(spec, runs_dir, archived=()):
+    """The ``python -m training.run`` command line of ``spec``: ``--from`` is the source's directory in
+    ``runs_dir``, or its archived run in ``out/runs`` when it is in ``archived`` (a dict id -> directory)."""
+    cmd = [sys.executable, "-m", "training.run"]
+    for key, value in spec.flags.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "from":
+            value = archived[value] if value in archived else runs_dir / value
+        if value is True:
+            cmd.append(flag)
+        elif value is not False and value is not None:
+            cmd += [flag, str(value)]
+    return cmd + ["--out", str(runs_dir / spec.id), "--verbose", "2"]
+
+
+def eval_commands(spec, runs_dir, p):
+    """``{report name: python -m training.evaluate command line}`` of ``spec``: eval.json with its attacks on the
+    preset's ``eval_examples``, and eval_aa.json with AutoAttack on ``aa_examples`` when the spec asks for it."""
+    def command(name, attacks, n):
+        return [sys.executable, "-m", "training.evaluate", str(runs_dir / spec.id), "--attacks", ",".join(attacks),
+                "--n-examples", str(n), "--name", name, "--resume", "--verbose", "2", "--no-report"]
+
+    commands = {"eval": command("eval", spec.attacks, p["eval_examples"])}
+    if spec.aa:
+        commands["eval_aa"] = command("eval_aa", AA_ATTACKS, p["aa_examples"])
+    return commands
+
+
