@@ -202,3 +202,16 @@ def positive(kind, lower=1):
 
     convert.__name__ = kind.__name__
     return convert
+
+
+def share():
+    """An argparse ``type`` for a share in [0, 1]."""
+
+    def convert(text):
+        value = float(text)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"must be in [0, 1], received {text}")
+        return value
+
+    convert.__name__ = "float"
+    return convert

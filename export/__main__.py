@@ -1,16 +1,19 @@
-"""``python -m export RUN_DIR --format {keras,tflite,onnx}``: deployable files from a training run, verified.
+"""``python -m export RUN_DIR --format {keras,tflite,onnx,micro}``: deployable files from a training run, verified.
 
 Every export is checked before anything is written (parity with the Keras model on test data, exact
 connection count, size against its floor, robustness of the exported model to PGD examples crafted against the
 Keras model, single-example latency); results go to ``export_report.json`` beside the file and a short table.
+``--format micro`` writes a full-integer int8 file for TensorFlow Lite Micro with ``model_data.h`` /
+``model_data.cc`` (the C array) and ``model_ops.h`` (the op resolver), measured on the TFLM interpreter.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import sys
 
-from export.options import FORMATS, QUANTIZE, default_out
+from export.options import FORMATS, MICRO_FILES, QUANTIZE, default_out
 from bcs_run import cli
 from bcs_run.config import finished_network
 
@@ -21,11 +24,16 @@ def build_parser():
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`")
     fmt = p.add_argument_group("format")
     fmt.add_argument("--format", choices=FORMATS, required=True,
-                     help="keras: stripped Keras model; tflite: LiteRT flatbuffer; onnx: ONNX (opset 17)")
+                     help="keras: stripped Keras model; tflite: LiteRT flatbuffer; onnx: ONNX (opset 17); micro: "
+                     "full-integer int8 for TensorFlow Lite Micro with its C array and op resolver (needs the "
+                     "tflite-micro package)")
     fmt.add_argument("--quantize", choices=QUANTIZE, default="none", help="LiteRT number format (tflite only)")
     fmt.add_argument("--int8-weights", choices=("per-channel", "per-tensor"),
-                     help="int8 weight scales (default: per-channel for dense models; for sparse ones whichever "
-                     "keeps more connections in a file ≤ 1.25× the per-tensor one, said in the report)")
+                     help="int8 weight scales of --quantize int8 (default: per-channel, which rounds fewer small "
+                     "weights to zero; --format micro is always per-channel)")
+    fmt.add_argument("--max-zeroed", type=cli.share(), metavar="F", default=0.01,
+                     help="int8 exports (--quantize int8, --format micro) refuse when more than this share of the "
+                     "trained connections would round to zero")
     fmt.add_argument("--onnx-dense", action="store_true", help="keep pruned ONNX initializers dense")
     data = p.add_argument_group("data")
     data.add_argument("--calibration-examples", type=cli.positive(int, 0), metavar="N", default=200,
@@ -52,14 +60,19 @@ def parse_args(argv=None):
     """Command-line options, checked without TensorFlow."""
     args = build_parser().parse_args(argv)
     if args.quantize != "none" and args.format != "tflite":
-        raise cli.FlagError(f"--quantize applies to --format tflite only. Received: --format {args.format} "
-                            f"--quantize {args.quantize}")
+        raise cli.FlagError(f"--quantize applies to --format tflite only (micro is always int8). Received: "
+                            f"--format {args.format} --quantize {args.quantize}")
+    if args.format == "micro" and importlib.util.find_spec("tflite_micro") is None:
+        raise cli.FlagError("--format micro needs the TFLite Micro interpreter: pip install tflite-micro pyyaml "
+                            "(or the project's [micro] extra)")
     if finished_network(args.run_dir) is None:
         raise cli.FlagError(f"{args.run_dir} has no model.keras or network.npz (is it a finished `training.run` "
                             "output or an archived run of a results directory?)")
     out = pathlib.Path(args.out) if args.out else default_out(args.run_dir, args.format, args.quantize)
-    if out.exists() and not args.overwrite:
-        raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
+    taken = [out] + ([out.parent / name for name in MICRO_FILES] if args.format == "micro" else [])
+    for path in taken:
+        if path.exists() and not args.overwrite:
+            raise cli.FlagError(f"--out: {path} exists; pass --overwrite to replace it")
     return args
 
 
@@ -84,6 +97,13 @@ def print_table(r):
         ("latency", f"{r['latency_ms']['median_single_example']:.3f} ms / example (keras "
                     f"{r['latency_ms']['keras_median_single_example']:.3f} ms)"),
     ]
+    if "micro" in r:
+        m = r["micro"]
+        rows += [("flash", f"{m['flash_bytes']:,} B (the flatbuffer; model_data.cc holds it as a C array)"),
+                 ("tensor arena", f"{m['arena']['smallest_bytes']:,} B smallest on the TFLM interpreter, "
+                                  f"{m['arena']['recommended_bytes']:,} B recommended (+{m['arena']['margin']:.0%})"),
+                 ("ops", ", ".join(m["ops"])),
+                 ("input", f"int8, scale {m['input_scale']:.6g}, zero point {m['input_zero_point']}")]
     if "loads" in r:
         rows.append(("loads", ", ".join(f"{k}: {v}" for k, v in r["loads"].items())))
     width = max(len(k) for k, _ in rows)

@@ -17,7 +17,7 @@ from bcs_tf.data import load_dataset
 from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.layers import sparse_layers
 from bcs_tf.robustness import Evaluator
-from export import onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
+from export import micro, onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
 from export.options import default_out
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
 from bcs_run.cli import native_output
@@ -73,6 +73,8 @@ def build_export(plain, fmt, quantize, args, data_train, sample, sparse):
         if not ok:
             info["warnings"].append(f"stripped .keras does not load without bcs_tf: {err}")
         return data, lambda x: np.asarray(plain(x, training=False)), "float32", info, None
+    if fmt == "micro":
+        return build_micro(plain, data_train[: args.calibration_examples], args.verbose, info)
     if fmt == "tflite":
         calib = data_train[: args.calibration_examples]
         with native_output(args.verbose):  # the converter's and the interpreter's debris stay off the terminal
@@ -95,6 +97,26 @@ def build_export(plain, fmt, quantize, args, data_train, sample, sparse):
     sess = onnx_export.session(data)
     info.update(runtime="onnxruntime", opset=onnx_export.OPSET, sparse_initializers=moved)
     return data, lambda x: onnx_export.run(sess, x), "float32", info, onnx_export.kernel_nonzeros(proto)
+
+
+def build_micro(plain, calib, verbose, info):
+    """:func:`build_export` of ``--format micro``: the full-int8 file, run on the TFLM interpreter with the arena
+    its search found (plus the margin)."""
+    micro.require_tflm()
+    with native_output(verbose):
+        data = micro.convert(plain, calib)
+        quant = micro.io_quantization(data)
+    smallest = micro.smallest_arena(data)
+    arena = {"smallest_bytes": smallest, "margin": micro.ARENA_MARGIN,
+             "recommended_bytes": micro.recommended_arena(smallest),
+             "measured_on": "tflite-micro's x86 interpreter (reference kernels), bisection to 16 bytes"}
+    runtime = micro.MicroRuntime(data, arena["recommended_bytes"])
+    info.update(runtime="tflite-micro (x86 build, reference kernels)", micro={
+        "flash_bytes": len(data), "arena": arena, "ops": micro.ops(data),
+        "input_scale": quant["input"][0], "input_zero_point": quant["input"][1],
+        "output_scale": quant["output"][0], "output_zero_point": quant["output"][1],
+        "weights": "int8 per-channel, dense storage (TFLM has no sparse tensors)"})
+    return data, runtime, "int8", info, tflite_sparse.kernel_nonzeros(data)
 
 
 def export(args):
@@ -137,6 +159,12 @@ def export(args):
         raise CheckpointError(f"exported file has {exported_nnz} nonzero weights, expected {expected}; refusing")
     if exported_nnz < keras_nnz:
         report["nonzeros"]["rounded_to_zero_by_quantization"] = keras_nnz - exported_nnz
+    zeroed = (keras_nnz - exported_nnz) / keras_nnz if keras_nnz else 0.0
+    # a dense network's tiniest weights are no trained connections; a sparse one's are (re-activated ones)
+    if number_format == "int8" and cfg.sparse and zeroed > args.max_zeroed:
+        raise ConfigError(f"int8 rounds {keras_nnz - exported_nnz:,} of the {keras_nnz:,} trained connections "
+                          f"({zeroed:.1%}) to zero, more than --max-zeroed {args.max_zeroed:g}; nothing written"
+                          + (" (per-channel scales zero fewer)" if args.int8_weights == "per-tensor" else ""))
     if not par["ok"]:
         message = (f"parity check failed: top-1 agreement {par['top1_agreement']:.4f}, max |Δlogit| "
                    f"{par['max_abs_diff']:.3g} (tolerance {par['tolerance']})")
@@ -167,6 +195,13 @@ def export(args):
                                 lambda b: np.asarray(plain(b, training=False)), x[:1])}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, data)
+    if args.format == "micro":
+        m = report["micro"]
+        quant = {"input": (m["input_scale"], m["input_zero_point"]), "output": (m["output_scale"], m["output_zero_point"])}
+        files = {**micro.c_sources(data, quant, m["arena"]), "model_ops.h": micro.ops_header(m["ops"])}
+        for name, text in files.items():
+            atomic_write(out.parent / name, text)
+        m["files"] = sorted(files)
     write_report(out.parent / "export_report.json", out.name, report)
     return report
 

@@ -39,8 +39,7 @@ def convert(model, quantize="none", sparse=True, representative=None, int8_weigh
         converter.representative_dataset = lambda: ([x[None]] for x in representative)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         # Per-channel scales cost 12 bytes per output channel (float32 scale + int64 zero point, for the weights
-        # and again for the int32 biases): at 99% sparsity that is a third of the file, so sparse models default
-        # to per-tensor weight scales; the parity check guards the accuracy either way.
+        # and again for the int32 biases), a third of a 99%-sparse file; per-tensor ones zero small weights.
         set_per_tensor_int8(converter, int8_weights == "per-tensor")
     data = converter.convert()
     notes = []
@@ -99,48 +98,20 @@ def load_check(data, sample):
     return result
 
 
-# per-channel int8 scales may make a sparse file this much larger than per-tensor ones and still be chosen
-PER_CHANNEL_SIZE_TARGET = 1.25
-
-
-def choose_int8_weights(model, representative, sparse):
-    """Per-channel or per-tensor int8 weight scales: the one that keeps more connections nonzero, as long as
-    its file stays within PER_CHANNEL_SIZE_TARGET × the per-tensor file; ``(choice, bytes, report)``.
-
-    Per-tensor scales round a layer's smallest weights (e.g. freshly re-activated connections) to zero; per-
-    channel ones keep more of them but store a scale per output channel, a large share of a 99%-sparse file.
-    """
-    candidates = {}
-    for scales in ("per-tensor", "per-channel"):
-        data, notes = convert(model, "int8", sparse, representative, scales)
-        candidates[scales] = (data, notes, kernel_nonzeros(data))
-    (pt, _, pt_kept), (pc, _, pc_kept) = candidates["per-tensor"], candidates["per-channel"]
-    choice = "per-channel" if pc_kept > pt_kept and len(pc) <= PER_CHANNEL_SIZE_TARGET * len(pt) else "per-tensor"
-    report = {scales: {"nonzero_weights": kept, "bytes": len(data)} for scales, (data, _, kept) in candidates.items()}
-    report.update(chosen=choice, size_target=f"per-channel file ≤ {PER_CHANNEL_SIZE_TARGET}× the per-tensor file",
-                  why=(f"per-channel keeps {pc_kept:,} nonzero weights against {pt_kept:,} in a file "
-                       f"{len(pc) / len(pt):.2f}× the size"))
-    return choice, candidates[choice][:2], report
-
-
 def export_tflite(model, quantize, representative, sample, sparse=True, int8_weights=None):
     """Convert with load checks and the dense-storage fallback; returns ``(bytes, info dict)``.
 
-    ``int8_weights`` (``per-channel`` / ``per-tensor``): by default per-channel for dense storage and, for sparse
-    storage, whichever keeps more connections within the size target (:func:`choose_int8_weights`).
+    ``int8_weights`` (``per-channel``, the default, or ``per-tensor``): per-tensor scales round a layer's
+    smallest weights (e.g. freshly re-activated connections) to zero, so per-channel ones are used unless asked
+    otherwise, although their scales take a large share of a 99%-sparse file; the export counts (and bounds,
+    ``--max-zeroed``) the connections int8 still rounds to zero.
     """
-    choice_report = None
-    if quantize == "int8" and int8_weights is None and sparse:
-        int8_weights, (data, notes), choice_report = choose_int8_weights(model, representative, sparse)
-    else:
-        int8_weights = int8_weights or "per-channel"
-        data, notes = convert(model, quantize, sparse, representative, int8_weights)
+    int8_weights = int8_weights or "per-channel"
+    data, notes = convert(model, quantize, sparse, representative, int8_weights)
     loads = load_check(data, sample)
     info = {"quantize": quantize, "sparse_storage": sparse, "loads": loads, "notes": notes, "warnings": []}
     if quantize == "int8":
         info["int8_weights"] = int8_weights
-        if choice_report is not None:
-            info["int8_weights_choice"] = choice_report
     if sparse and loads["default"] != "ok":
         dense_data, _ = convert(model, quantize, False, representative, int8_weights)
         dense_loads = load_check(dense_data, sample)

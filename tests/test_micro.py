@@ -1,0 +1,118 @@
+"""``python -m export --format micro``: a full-int8 file that runs on the TFLite Micro interpreter and agrees
+with Keras, its C array, its op list, the arena search, the missing-package error and the zeroed-connection
+guard."""
+
+import json
+
+import numpy as np
+import pytest
+
+from training.run import main as train_main
+
+FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
+        "--verbose", "0", "--max-steps", "3", "--no-report"]
+
+pytest.importorskip("tflite_micro", reason="the [micro] extra (tflite-micro) is not installed")
+
+
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "channel"
+    assert train_main(FAST + ["--granularity", "channel", "--connectivity", "0.3", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def micro_export(channel_run):
+    from export.__main__ import main as export_main
+
+    assert export_main([str(channel_run), "--format", "micro", "--n-examples", "64", "--attack-exported",
+                        "--attack-examples", "8", "--attack-queries", "5"]) == 0
+    folder = channel_run / "export" / "micro"
+    return folder, json.loads((channel_run / "export" / "micro" / "export_report.json").read_text())["model_int8.tflite"]
+
+
+def test_the_full_int8_file_runs_on_tflm_and_agrees_with_keras(micro_export):
+    from export.micro import MicroRuntime
+
+    folder, report = micro_export
+    data = (folder / "model_int8.tflite").read_bytes()
+    m = report["micro"]
+    assert m["flash_bytes"] == len(data) and report["runtime"].startswith("tflite-micro")
+    assert report["parity"]["top1_agreement"] >= 0.95 and report["parity"]["n"] == 64
+    assert {"clean", "pgd20_transfer"} <= set(report["robustness"]["exported"])
+    assert 0.0 <= report["robustness"]["square"]["exported"] <= 1.0
+    runtime = MicroRuntime(data, m["arena"]["recommended_bytes"])
+    x = np.random.default_rng(0).uniform(size=(3, *runtime.input["shape"][1:])).astype(np.float32)
+    assert runtime.input["dtype"] == np.int8 and runtime(x).shape == (3, 10)
+
+
+def test_the_c_array_holds_the_flatbuffer_and_the_header_its_quantization(micro_export):
+    from export.micro import parse_c_array
+
+    folder, report = micro_export
+    source = (folder / "model_data.cc").read_text()
+    assert "alignas(16) const unsigned char g_model_data[]" in source
+    assert parse_c_array(source) == (folder / "model_int8.tflite").read_bytes()
+    header = (folder / "model_data.h").read_text()
+    assert f"kInputZeroPoint = {report['micro']['input_zero_point']};" in header
+    assert f"kTensorArenaSize = {report['micro']['arena']['recommended_bytes']};" in header
+
+
+def test_the_op_resolver_holds_exactly_the_ops_litert_runs(micro_export):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from export.micro import resolver_method
+
+    folder, report = micro_export
+    interpreter = Interpreter(model_content=(folder / "model_int8.tflite").read_bytes(),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_REF)  # no delegate node
+    interpreter.allocate_tensors()
+    ran = {op["op_name"] for op in interpreter._get_ops_details()}  # an independent reading of the graph
+    assert set(report["micro"]["ops"]) == ran and "SHAPE" not in ran  # batch 1: no dynamic-shape ops
+    header = (folder / "model_ops.h").read_text()
+    assert f"MicroMutableOpResolver<kModelOpCount>" in header and f"kModelOpCount = {len(ran)};" in header
+    for op in ran:
+        assert f"resolver.{resolver_method(op)}()" in header
+    assert resolver_method("CONV_2D") == "AddConv2D" and resolver_method("FULLY_CONNECTED") == "AddFullyConnected"
+
+
+def test_the_arena_search_finds_a_size_that_works_and_a_tenth_less_fails(micro_export, tmp_path):
+    from export.micro import arena_works
+
+    folder, report = micro_export
+    smallest = report["micro"]["arena"]["smallest_bytes"]
+    path = folder / "model_int8.tflite"
+    assert arena_works(path, smallest)
+    assert not arena_works(path, int(smallest * 0.9))
+
+
+def test_micro_without_the_package_names_it_in_one_line(channel_run, monkeypatch, capsys):
+    import importlib.util
+
+    from export.__main__ import main as export_main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tflite_micro" else real(name, *a))
+    assert export_main([str(channel_run), "--format", "micro", "--out", str(channel_run / "m" / "x.tflite")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "pip install tflite-micro" in err and "\n" not in err
+    assert not (channel_run / "m").exists()
+
+
+def test_int8_refuses_when_too_many_trained_connections_would_vanish(tmp_path, capsys):
+    from export.__main__ import main as export_main
+
+    run = tmp_path / "bcs"
+    assert train_main(FAST + ["--connectivity", "0.1", "--out", str(run)]) == 0
+    out = tmp_path / "x.tflite"
+    code = export_main([str(run), "--format", "tflite", "--quantize", "int8", "--int8-weights", "per-tensor",
+                        "--max-zeroed", "0", "--n-examples", "32", "--out", str(out)])
+    err = capsys.readouterr().err
+    report = json.loads((run / "export" / "export_report.json").read_text()) if code == 0 else None
+    if code == 0:  # nothing vanished: the guard had nothing to refuse
+        assert "rounded_to_zero_by_quantization" not in report["x.tflite"]["nonzeros"]
+    else:
+        assert code == 2 and "trained connections" in err and "--max-zeroed" in err and not out.exists()
+    assert export_main([str(run), "--format", "tflite", "--quantize", "int8", "--int8-weights", "per-tensor",
+                        "--max-zeroed", "1", "--n-examples", "32", "--out", str(out)]) == 0
