@@ -19,6 +19,7 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
 from tensorflow.lite.tools import flatbuffer_utils
 
 from bcs_tf.errors import ConfigError
@@ -93,7 +94,7 @@ def resolver_method(op):
 
 def io_quantization(data):
     """``{"input": (scale, zero_point), "output": (...)}`` of the int8 model's first input and output."""
-    interpreter = tf.lite.Interpreter(model_content=data)
+    interpreter = Interpreter(model_content=data)
     quant = {}
     for key, detail in (("input", interpreter.get_input_details()[0]), ("output", interpreter.get_output_details()[0])):
         scale, zero = detail["quantization"]

@@ -4,6 +4,7 @@ report. ``python -m export`` checks the flags and calls :func:`export`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -163,8 +164,10 @@ def export(args):
     # a dense network's tiniest weights are no trained connections; a sparse one's are (re-activated ones)
     if number_format == "int8" and cfg.sparse and zeroed > args.max_zeroed:
         raise ConfigError(f"int8 rounds {keras_nnz - exported_nnz:,} of the {keras_nnz:,} trained connections "
-                          f"({zeroed:.1%}) to zero, more than --max-zeroed {args.max_zeroed:g}; nothing written"
-                          + (" (per-channel scales zero fewer)" if args.int8_weights == "per-tensor" else ""))
+                          f"({zeroed:.1%}) to zero (weights below half an int8 step of their channel), more than "
+                          f"--max-zeroed {args.max_zeroed:g}; nothing written"
+                          + ("; per-channel scales zero fewer" if args.int8_weights == "per-tensor" else
+                             f"; --max-zeroed {math.ceil(100 * zeroed) / 100:g} writes it anyway"))
     if not par["ok"]:
         message = (f"parity check failed: top-1 agreement {par['top1_agreement']:.4f}, max |Δlogit| "
                    f"{par['max_abs_diff']:.3g} (tolerance {par['tolerance']})")
