@@ -251,7 +251,9 @@ class RunConfig:
         """Effective attack step size."""
         if self.attack_step_size is not None:
             return self.attack_step_size
-        return 2.5 * self.eps / max(self.attack_steps, 1)  # bcs_tf.robustness.attacks.default_step_size (no TF here)
+        from bcs_tf.robustness.attacks import default_step_size
+
+        return default_step_size(self.eps, self.attack_steps)
 
     @property
     def effective_temperature(self):

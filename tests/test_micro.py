@@ -13,6 +13,7 @@ FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "
         "--verbose", "0", "--max-steps", "3", "--no-report"]
 
 pytest.importorskip("tflite_micro", reason="the [micro] extra (tflite-micro) is not installed")
+pytestmark = pytest.mark.integration  # every test trains a run or exports one
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,9 @@ def test_plan_puts_every_source_run_before_the_runs_that_start_from_it():
     assert the_plan.runs["at/bcs_c0.01_e10_s0"].flags["epochs"] == 2 * the_plan.runs["at/bcs_c0.01_s0"].flags["epochs"]
 
 
-def _reproduce(out, runs, preset="smoke", heartbeat=30, **popen):
+def _reproduce(out, runs, preset="smoke", heartbeat=30, extra=(), **popen):
     cmd = [sys.executable, "-m", "training.reproduce", "--table", "bcs", "--dataset", "synthetic", "--preset", preset,
-           "--out", str(out), "--runs-dir", str(runs)]
+           "--out", str(out), "--runs-dir", str(runs), *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", "BCS_TF_HEARTBEAT_SECONDS": str(heartbeat)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **popen)
@@ -144,6 +144,53 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert (out / "manifest.json").read_text() == before
 
 
+def test_two_jobs_give_the_tables_of_one_and_run_sources_first(tmp_path):
+    logs = {}
+    for jobs in (1, 2):
+        proc = _reproduce(tmp_path / f"out{jobs}", tmp_path / f"runs{jobs}", extra=("--jobs", str(jobs), "--threads", "1"))
+        logs[jobs], _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, logs[jobs]
+    assert "in flight: " in logs[2] and "in flight: " not in logs[1]
+    for name in ("table_bcs.md",):
+        assert (tmp_path / "out2" / name).read_text() == (tmp_path / "out1" / name).read_text()
+    manifest = json.loads((tmp_path / "out2" / "manifest.json").read_text())
+    assert all(r["status"] == "finished" for r in manifest["runs"].values()) and len(manifest["runs"]) == 7
+    assert manifest["invocations"][-1]["jobs"] == 2 and manifest["invocations"][-1]["threads"] == 1
+    # a run starts only after its source: Fixed's training began after dense's metrics were written
+    dense = tmp_path / "runs2" / "at" / "dense_s0"
+    fixed_log = (tmp_path / "runs2" / "at" / "fixed_c0.01_s0.log")
+    assert (dense / "metrics.json").stat().st_mtime <= fixed_log.stat().st_ctime
+
+
+def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, monkeypatch):
+    from training import jobs
+    from training.plan import plan as make_plan
+
+    the_plan = make_plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
+    spec = next(iter(the_plan.runs.values()))
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    calls = []
+
+    def killed_once(cmd, log, tick=None, threads=None):
+        calls.append(cmd)
+        (runs / spec.id).mkdir(parents=True, exist_ok=True)
+        (runs / spec.id / "config.json").write_text("{}")  # the killed process had started its run
+        return subprocess.CompletedProcess(cmd, -9 if len(calls) == 1 else 0)
+
+    monkeypatch.setattr(jobs, "_call", killed_once)
+    worker = jobs._Worker(the_plan, runs, out, manifest, {spec.id: "train"}, threads=1)
+    assert worker._train(spec, "train", ["python", "-m", "training.run"]) is not None
+    assert "--resume" not in calls[0] and calls[1][-1] == "--resume"
+    entry = manifest.data["runs"][spec.id]
+    assert entry["killed_processes"] == 1 and entry["killed_process_seconds"] >= 0 and entry["status"] == "running"
+
+    calls.clear()
+    monkeypatch.setattr(jobs, "_call", lambda cmd, log, tick=None, threads=None: subprocess.CompletedProcess(cmd, 1))
+    assert worker._train(spec, "resume", ["python", "-m", "training.run"]) is None  # an error is not retried
+    assert manifest.data["runs"][spec.id]["status"] == "failed"
+
+
 def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots(tmp_path):
     from training import jobs
     from training.plan import RunSpec, train_command
@@ -184,7 +231,7 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
     manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
     manifest.record(first.id, status="stopped", process_seconds=3000.0)
 
-    def finish_instantly(cmd, log, tick=None):  # the resumed process ends at once: all its cost came before
+    def finish_instantly(cmd, log, tick=None, threads=None):  # the resumed process ends at once: all its cost came before
         run_dir = pathlib.Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else pathlib.Path(cmd[3])
         if run_dir.name != pathlib.Path(first.id).name:
             raise KeyboardInterrupt  # stop once the second run's ETA is printed

@@ -1,6 +1,8 @@
-"""Running a plan: one training or evaluation process at a time, each supervised (its time written to the
-manifest as it runs, stopped with its parent), what each run still needs worked out from the run directories and
-the results directory, and every finished run collected (metrics, reports, archived network) into ``--out``."""
+"""Running a plan: up to ``jobs`` runs at once, each started once its sources have finished, each a sequence of
+supervised processes (training, evaluations, archive: time written to the manifest as they run, stopped with
+their parent, a killed training process retried from its checkpoint); what each run still needs worked out from
+the run directories and the results directory, and every finished run collected (metrics, reports, archived
+network) into ``--out``. The driver alone writes the manifest and, through ``collected``, the tables."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from bcs_run import cli
 from bcs_run.rundir import RunDir, atomic_write
@@ -21,6 +25,14 @@ from training.plan import AA_ATTACKS, eval_commands, train_command
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # how often a training run's time so far is written to the manifest (what a SIGKILL can lose); tests shorten it
 HEARTBEAT_SECONDS = float(os.environ.get("BCS_TF_HEARTBEAT_SECONDS", 30))
+RETRIES = 2  # a training process killed by a signal (not by this driver) is resumed this many times
+_children = set()  # the processes running now, killed when the driver stops
+_children_lock = threading.Lock()
+_stop = threading.Event()  # set when the driver stops: no worker starts another process
+
+
+class _Stopped(Exception):
+    """A worker's process was killed, or not started, because the driver is stopping."""
 
 
 def _commit(out=None):
@@ -65,20 +77,31 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _call(cmd, log, tick=None):
+def _call(cmd, log, tick=None, threads=None):
     """Run ``cmd`` with its output appended to ``log``; while it runs, ``tick(seconds so far)`` is called every
-    :data:`HEARTBEAT_SECONDS`, so a run's time survives this process being killed outright (SIGKILL)."""
+    :data:`HEARTBEAT_SECONDS`, so a run's time survives this process being killed outright (SIGKILL).
+    ``threads``: TensorFlow's intra- and inter-op threads (and OpenMP's) in the child."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+    if threads:
+        env.update(TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS=str(threads),
+                   OMP_NUM_THREADS=str(threads))
     with open(log, "a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
         t0 = time.time()
+        if _stop.is_set():
+            raise _Stopped
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        with _children_lock:
+            _children.add(proc)
         try:
             while True:
                 try:
-                    return subprocess.CompletedProcess(cmd, proc.wait(timeout=HEARTBEAT_SECONDS))
+                    code = proc.wait(timeout=HEARTBEAT_SECONDS)
+                    if _stop.is_set():
+                        raise _Stopped
+                    return subprocess.CompletedProcess(cmd, code)
                 except subprocess.TimeoutExpired:
                     if tick is not None:
                         tick(time.time() - t0)
@@ -86,6 +109,17 @@ def _call(cmd, log, tick=None):
             proc.kill()
             proc.wait()
             raise
+        finally:
+            with _children_lock:
+                _children.discard(proc)
+
+
+def _kill_children():
+    """Stop the workers: kill every process they are waiting on and let them start no other."""
+    _stop.set()
+    with _children_lock:
+        for proc in _children:
+            proc.kill()
 
 
 class Manifest:
@@ -105,14 +139,17 @@ class Manifest:
                 raise cli.FlagError(f"--out: {path.parent} was made with other settings (saved, now): {diff}; "
                                   "use another --out")
             self.data = saved
+        self._lock = threading.RLock()  # the workers record their runs' times as they go
 
     def record(self, rid, **entry):
-        self.data["runs"].setdefault(rid, {}).update(entry)
-        self.save()
+        with self._lock:
+            self.data["runs"].setdefault(rid, {}).update(entry)
+            self.save()
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(self.data, indent=1))
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps(self.data, indent=1))
 
 
 def _states(specs, runs_dir, out, manifest):
@@ -147,104 +184,169 @@ def run_seconds(entry):
     return entry.get("process_seconds", entry.get("wall_seconds", 0.0)) + entry.get("eval_seconds", 0.0)
 
 
-def execute(the_plan, runs_dir, out, manifest, dry_run=False, collected=None):
-    """Train and evaluate every planned run that is not done, calling ``collected()`` after each run whose results
-    reach ``out``; returns ``(ids that failed, stopped)``, stopped when Ctrl-C or SIGTERM ended it early (the run
-    it was training is recorded as stopped)."""
+def execute(the_plan, runs_dir, out, manifest, dry_run=False, collected=None, jobs=1, threads=None):
+    """Train and evaluate every planned run that is not done, up to ``jobs`` at once (each process with
+    ``threads`` TensorFlow threads), calling ``collected()`` after each run whose results reach ``out``; returns
+    ``(ids that failed, stopped)``, stopped when Ctrl-C or SIGTERM ended it early (the runs in flight are
+    recorded as stopped)."""
     failed = []
     try:
-        _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected)
+        _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs, threads)
     except KeyboardInterrupt:
-        print("stopped: the same command goes on from here (the stopped run resumes from its last checkpoint)")
+        print("stopped: the same command goes on from here (a stopped run resumes from its last checkpoint)")
         return failed, True
     return failed, False
 
 
-def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected):
-    """:func:`execute`'s loop over the runs; appends the ids that fail to ``failed``."""
+class _Worker:
+    """What a worker thread needs to run one run: the plan's settings, the directories, the manifest."""
+
+    def __init__(self, the_plan, runs_dir, out, manifest, states, threads):
+        self.p, self.runs_dir, self.out, self.manifest = the_plan.p, runs_dir, out, manifest
+        self.states, self.threads = states, threads
+
+    def run(self, spec):
+        """Train (when needed), evaluate, archive and collect ``spec``; ``(ok, its training seconds or None)``."""
+        try:
+            return self._run(spec)
+        except _Stopped:  # the driver is stopping: the run resumes next time
+            return False, None
+
+    def _run(self, spec):
+        state = self.states[spec.id]
+        train_cmd = train_command(spec, self.runs_dir, {dep: self.out / "runs" / dep for dep in spec.deps
+                                                        if self.states[dep] == "collected"})
+        seconds = None
+        if state in ("resume", "train"):
+            seconds = self._train(spec, state, train_cmd)
+            if seconds is None:
+                return False, None
+        evals = eval_commands(spec, self.runs_dir, self.p)
+        if state != "done" and not _evaluate(spec, self.runs_dir, self.manifest, evals, self.threads):
+            return False, seconds
+        _collect(spec, self.runs_dir, self.out, self.manifest, train_cmd, evals)
+        return True, seconds
+
+    def _train(self, spec, state, train_cmd):
+        """The run's training processes (a killed one resumed up to :data:`RETRIES` times); the run's whole
+        training time, or None when it failed."""
+        manifest, rid = self.manifest, spec.id
+        (self.runs_dir / rid).parent.mkdir(parents=True, exist_ok=True)
+        entry = manifest.data["runs"].get(rid, {})
+        machines = entry.get("machines", [])
+        if state == "train" and entry.get("process_seconds"):
+            # an earlier process's checkpoint is gone: its time is set apart, not counted as this run's cost
+            manifest.record(rid, process_seconds=0.0, discarded_seconds=entry.get("discarded_seconds", 0.0)
+                            + entry["process_seconds"])
+            machines = []
+        manifest.record(rid, status="running", command=_display(train_cmd), commit=_commit(self.out),
+                        machines=sorted(set(machines) | {_machine()}))
+        resume = state == "resume"
+        for attempt in range(RETRIES + 1):
+            t0, spent = time.time(), manifest.data["runs"][rid].get("process_seconds", 0.0)
+            try:
+                result = _call(train_cmd + (["--resume"] if resume else []), self.runs_dir / f"{rid}.log",
+                               tick=lambda seconds: manifest.record(rid, process_seconds=spent + seconds),
+                               threads=self.threads)
+            except _Stopped:
+                manifest.record(rid, status="stopped")
+                raise
+            finally:
+                # every training process of the run, a stopped or killed one included: what the run cost here
+                manifest.record(rid, process_seconds=spent + time.time() - t0)
+            killed = result.returncode < 0 and (self.runs_dir / rid / RunDir.CONFIG).is_file()
+            if result.returncode == 0 or not killed or attempt == RETRIES:
+                break
+            print(f"    {rid}: the training process was killed (signal {-result.returncode}); resuming from its "
+                  "last checkpoint", flush=True)
+            manifest.record(rid, killed_processes=manifest.data["runs"][rid].get("killed_processes", 0) + 1,
+                            killed_process_seconds=manifest.data["runs"][rid].get("killed_process_seconds", 0.0)
+                            + time.time() - t0)
+            resume = True
+        if result.returncode != 0:
+            print(f"    {rid}: training failed (exit {result.returncode}); see {self.runs_dir / rid}.log", flush=True)
+            manifest.record(rid, status="failed", command=_display(train_cmd), commit=_commit(self.out))
+            return None
+        # the run's whole training time, not just this process's: a resumed run's full cost is counted
+        return manifest.data["runs"][rid]["process_seconds"]
+
+
+def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs=1, threads=None):
+    """:func:`execute`'s scheduler: in plan order, start every run whose sources have finished while fewer than
+    ``jobs`` run; appends the ids that fail to ``failed``."""
     specs = list(the_plan.runs.values())
     states = _states(specs, runs_dir, out, manifest)
-    n = len(specs)
+    n, position = len(specs), {spec.id: i for i, spec in enumerate(specs, start=1)}
     total_cost = sum(s.cost for s in specs)
     # the seconds per AT-epoch unit measured by earlier invocations seed the ETA
     earlier = [s for s in specs if manifest.data["runs"].get(s.id, {}).get("status") == "finished"]
     seconds = sum(run_seconds(manifest.data["runs"][s.id]) for s in earlier)
     measured_cost = sum(s.cost for s in earlier) if seconds else 0.0
-    done_cost = 0.0
+    started_cost = 0.0
     here_seconds = here_cost = 0.0  # this invocation's runs: the machine's load now, once one has trained
-    for i, spec in enumerate(specs, start=1):
-        run_dir, state = runs_dir / spec.id, states[spec.id]
-        if here_cost:
-            rate = here_seconds / here_cost
-        else:
-            rate = seconds / measured_cost if measured_cost else 45.0
-        eta = (total_cost - done_cost) * rate
-        print(f"[{i}/{n}] {spec.id}: {state}  (ETA of the rest ≈ {eta / 60:.0f} min)", flush=True)
-        done_cost += spec.cost
-        if state == "collected":
-            continue
-        train_cmd = train_command(spec, runs_dir, {dep: out / "runs" / dep for dep in spec.deps
-                                                   if states[dep] == "collected"})
-        if state in ("resume", "train"):
-            if any(dep in failed for dep in spec.deps):
-                print(f"    skipped: it starts from a failed run ({', '.join(spec.deps)})")
-                failed.append(spec.id)
-                continue
-            if dry_run:
-                continue
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            cmd = train_cmd + (["--resume"] if state == "resume" else [])
-            entry = manifest.data["runs"].get(spec.id, {})
-            machines = entry.get("machines", [])
-            if state == "train" and entry.get("process_seconds"):
-                # an earlier process's checkpoint is gone: its time is set apart, not counted as this run's cost
-                manifest.record(spec.id, process_seconds=0.0, discarded_seconds=entry.get(
-                    "discarded_seconds", 0.0) + entry["process_seconds"])
-                machines = []
-            manifest.record(spec.id, status="running", command=_display(train_cmd), commit=_commit(out),
-                            machines=sorted(set(machines) | {_machine()}))
-            t0, spent = time.time(), manifest.data["runs"][spec.id].get("process_seconds", 0.0)
-            try:
-                result = _call(cmd, runs_dir / f"{spec.id}.log",
-                               tick=lambda seconds: manifest.record(spec.id, process_seconds=spent + seconds))
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run resumes from its checkpoint next time
-                manifest.record(spec.id, status="stopped")
-                raise
-            finally:
-                wall = time.time() - t0
-                # every training process of the run, a stopped one included: what the run cost on this machine
-                manifest.record(spec.id, process_seconds=spent + wall)
-            if result.returncode != 0:
-                print(f"    training failed (exit {result.returncode}); see {runs_dir / spec.id}.log")
-                failed.append(spec.id)
-                manifest.record(spec.id, status="failed", command=_display(train_cmd), commit=_commit(out))
-                continue
-            # the run's whole training time, not just this process's: a resumed run's full cost is counted
-            here_seconds, here_cost = here_seconds + spent + wall, here_cost + spec.cost
-        if dry_run:
-            continue
-        evals = eval_commands(spec, runs_dir, the_plan.p)
-        if state != "done" and not _evaluate(spec, runs_dir, manifest, evals):
-            failed.append(spec.id)
-            continue
-        _collect(spec, runs_dir, out, manifest, train_cmd, evals)
-        if collected is not None:
-            collected()
+    worker = _Worker(the_plan, runs_dir, out, manifest, states, threads)
+    finished, pending, running = set(), list(specs), {}
+    _stop.clear()
+
+    def announce(spec, state):
+        nonlocal started_cost
+        rate = here_seconds / here_cost if here_cost else seconds / measured_cost if measured_cost else 45.0
+        eta = (total_cost - started_cost) * rate / jobs
+        flight = f"; in flight: {', '.join(s.id for s in running.values())}" if running else ""
+        print(f"[{position[spec.id]}/{n}] {spec.id}: {state}  (ETA of the rest ≈ {eta / 60:.0f} min{flight})",
+              flush=True)
+        started_cost += spec.cost
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            while pending or running:
+                for spec in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    if any(dep in failed for dep in spec.deps):
+                        pending.remove(spec)
+                        announce(spec, states[spec.id])
+                        print(f"    skipped: it starts from a failed run ({', '.join(spec.deps)})")
+                        failed.append(spec.id)
+                    elif all(dep in finished for dep in spec.deps):
+                        pending.remove(spec)
+                        announce(spec, states[spec.id])
+                        if states[spec.id] == "collected" or dry_run:
+                            finished.add(spec.id)
+                        else:
+                            running[pool.submit(worker.run, spec)] = spec
+                if not running:
+                    continue
+                for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    spec = running.pop(future)
+                    ok, trained = future.result()
+                    if not ok:
+                        failed.append(spec.id)
+                        continue
+                    finished.add(spec.id)
+                    if trained is not None:
+                        here_seconds, here_cost = here_seconds + trained, here_cost + spec.cost
+                    if collected is not None:
+                        collected()
+        except BaseException:  # Ctrl-C, SIGTERM: the runs in flight stop and resume next time
+            _kill_children()
+            raise
 
 
-def _evaluate(spec, runs_dir, manifest, evals):
+def _evaluate(spec, runs_dir, manifest, evals, threads=None):
     """Run the evaluations of ``spec`` (each resumes what an earlier one wrote) and archive its network; returns
     whether all succeeded."""
     log = runs_dir / f"{spec.id}.log"
     t0, spent = time.time(), manifest.data["runs"].get(spec.id, {}).get("eval_seconds", 0.0)
     try:
         for name, cmd in evals.items():
-            result = _call(cmd, log)
+            result = _call(cmd, log, threads=threads)
             if result.returncode not in (0, 3):  # 3 = order-check warning, reported in the report itself
                 print(f"    evaluation {name} failed (exit {result.returncode}); see {log}")
                 return False
         if not RunDir(runs_dir / spec.id).archive.is_file():
-            result = _call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log)
+            result = _call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log,
+                           threads=threads)
             if result.returncode != 0:
                 print(f"    archiving the network failed (exit {result.returncode}); see {log}")
                 return False

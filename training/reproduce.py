@@ -11,6 +11,7 @@ directory made with other settings (dataset or preset) is refused.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import sys
@@ -41,6 +42,12 @@ def build_parser():
                    "is trained again), or none")
     p.add_argument("--out", default=None, help="results directory (default: results/DATASET-PRESET)")
     p.add_argument("--runs-dir", default=None, help="run directories (default: runs/reproduce/DATASET-PRESET)")
+    p.add_argument("--jobs", type=cli.positive(int), default=1, metavar="N",
+                   help="runs at once, each started when its sources have finished (training and evaluation "
+                   "processes; docs/benchmarks.md measures 2 against 1 on 2 cores)")
+    p.add_argument("--threads", type=cli.positive(int), default=None, metavar="N",
+                   help="TensorFlow intra- and inter-op threads of each process (default: all cores with --jobs 1, "
+                   "else cores ÷ N)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is done, train nothing")
     return p
 
@@ -88,12 +95,14 @@ def main(argv=None):
 def _reproduce(args, tables, the_plan, runs_dir, out, manifest, t0):
     """:func:`main` once the plan is made and ``out`` is locked: every run, then the tables and the sums."""
     # tables and sums after every collected run, so a job killed outright still leaves them up to date
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
     failed, stopped = execute(the_plan, runs_dir, out, manifest,
-                              collected=lambda: _summarise(tables, the_plan, out, manifest))
+                              collected=lambda: _summarise(tables, the_plan, out, manifest), jobs=args.jobs,
+                              threads=threads)
     written = _summarise(tables, the_plan, out, manifest)
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "aa": args.aa,
-         "commit": _commit(out),
+         "jobs": args.jobs, "threads": threads, "commit": _commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
     measured = manifest.data["measured"]
