@@ -269,3 +269,35 @@ def test_a_real_full_disk_stops_with_one_line_and_no_crash(tmp_path):
         assert not [p for p in (mount / "run").rglob("tmp-*")]
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "report", "export"])
+def test_a_full_disk_in_evaluate_report_or_export_is_one_line_and_keeps_what_was_there(tmp_path, monkeypatch,
+                                                                                        capsys, command):
+    import errno
+
+    import bcs_run.rundir as rundir
+    from export.__main__ import main as export_main
+    from training.evaluate import main as evaluate_main
+    from training.report import main as report_main
+
+    run = tmp_path / "run"
+    assert main(FAST + ["--epochs", "1", "--out", str(run)]) == 0
+    assert evaluate_main([str(run), "--attacks", "clean", "--n-examples", "32", "--verbose", "0"]) == 0
+    assert export_main([str(run), "--format", "keras", "--n-examples", "16", "--verbose", "0"]) == 0
+    before = _files(run)
+
+    def full(fd):  # every atomic write finds the disk full once its bytes are out
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full)
+    argv = {"evaluate": (evaluate_main, [str(run), "--attacks", "clean,fgsm", "--n-examples", "32", "--resume",
+                                          "--verbose", "0"]),
+            "report": (report_main, [str(run)]),
+            "export": (export_main, [str(run), "--format", "keras", "--n-examples", "16", "--overwrite",
+                                     "--verbose", "0"])}
+    fn, args = argv[command]
+    assert fn(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on device while writing ") and "\n" not in err, err
+    assert _files(run) == before and not [p for p in run.rglob(".*.tmp")]  # nothing changed, no debris

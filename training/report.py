@@ -10,6 +10,7 @@ directory) draws their validation curves and attack results in one figure. Reads
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -142,8 +143,10 @@ def save_figure(fig, path, layout=True):
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format=path.suffix.lstrip(".") or "png")
     pyplot().close(fig)
+    atomic_write(path, buffer.getvalue())  # a full disk leaves the previous figure, not half of a new one
     return path
 
 
