@@ -237,7 +237,7 @@ def test_in_graph_apgd_follows_the_authors_step_size_schedule(loss_name):
     loop does, and reaches the same best loss. A ``<`` halving test changes the final step of ≈ 3% of the
     examples under CE; comparing the first step with the random start's loss instead of 0 changes it under the
     targeted DLR loss, which is negative."""
-    from bcs_tf import apgd
+    from bcs_tf.robustness import apgd
     from bcs_tf.robustness.apgd import APGD
 
     rng = np.random.default_rng(0)
