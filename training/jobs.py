@@ -35,7 +35,7 @@ class _Stopped(Exception):
     """A worker's process was killed, or not started, because the driver is stopping."""
 
 
-def _commit(out=None):
+def git_commit(out=None):
     """HEAD, with ``-dirty`` when tracked files other than the results directory ``out`` have changes."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -239,7 +239,7 @@ class _Worker:
             manifest.record(rid, process_seconds=0.0, discarded_seconds=entry.get("discarded_seconds", 0.0)
                             + entry["process_seconds"])
             machines = []
-        manifest.record(rid, status="running", command=_display(train_cmd), commit=_commit(self.out),
+        manifest.record(rid, status="running", command=_display(train_cmd), commit=git_commit(self.out),
                         machines=sorted(set(machines) | {_machine()}))
         resume = state == "resume"
         for attempt in range(RETRIES + 1):
@@ -265,7 +265,7 @@ class _Worker:
             resume = True
         if result.returncode != 0:
             print(f"    {rid}: training failed (exit {result.returncode}); see {self.runs_dir / rid}.log", flush=True)
-            manifest.record(rid, status="failed", command=_display(train_cmd), commit=_commit(self.out))
+            manifest.record(rid, status="failed", command=_display(train_cmd), commit=git_commit(self.out))
             return None
         # the run's whole training time, not just this process's: a resumed run's full cost is counted
         return manifest.data["runs"][rid]["process_seconds"]
@@ -373,7 +373,7 @@ def _collect(spec, runs_dir, out, manifest, train_cmd, evals):
     entry = manifest.data["runs"].get(spec.id, {})
     manifest.record(spec.id, status="finished", command=_display(train_cmd),
                     evaluate=" && ".join(_display(cmd) for cmd in evals.values()),
-                    commit=entry.get("commit") or _commit(out), train_seconds=metrics["train_seconds"],
+                    commit=entry.get("commit") or git_commit(out), train_seconds=metrics["train_seconds"],
                     wall_seconds=metrics["wall_seconds"])
 
 

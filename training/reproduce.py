@@ -5,8 +5,9 @@ Runs live in ``--runs-dir`` (default ``runs/reproduce/DATASET-PRESET``): a finis
 one resumed, and the evaluation continues where it stopped. ``--out`` receives ``table_*.md``, the figures,
 each run's ``metrics.json`` / ``eval.json`` and ``manifest.json`` (every run's command, commit and wall time);
 the tables are made from it alone, so a reproduction can go on on another machine from a committed ``--out``
-(runs collected there are not trained again unless a run still to train starts from them). A results
-directory made with other settings (dataset or preset) is refused.
+(runs collected there are not trained again: a run that starts from one reads its archived network, and only a
+rewound lottery ticket, which needs epoch snapshots, trains its source again). ``--jobs N`` runs up to N runs at
+once, each after its sources. A results directory made with other settings (dataset or preset) is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 from bcs_run import cli
 from bcs_run.config import DATASET_NAMES
-from training.jobs import Manifest, _commit, execute, run_seconds
+from training.jobs import Manifest, execute, git_commit, run_seconds
 from training.plan import AA_SCOPES, FULL_ATTACKS, PRESETS, TABLES, plan
 
 
@@ -102,7 +103,7 @@ def _reproduce(args, tables, the_plan, runs_dir, out, manifest, t0):
     written = _summarise(tables, the_plan, out, manifest)
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "aa": args.aa,
-         "jobs": args.jobs, "threads": threads, "commit": _commit(out),
+         "jobs": args.jobs, "threads": threads, "commit": git_commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
     measured = manifest.data["measured"]
