@@ -41,7 +41,8 @@ def test_plan_puts_every_source_run_before_the_runs_that_start_from_it():
     # AutoAttack where the issue asks for it: robust 99% models and the 90% BCS / Fixed / HYDRA ones
     aa = {rid for rid, spec in the_plan.runs.items() if spec.aa}
     assert {"at/random_c0.01_s0", "at/bcs_c0.1_s0", "at/fixed_c0.1_s0", "at/hydra_c0.1_s0"} <= aa
-    assert not aa & {"at/random_c0.1_s0", "at/dense_s0", "natural/bcs_c0.01_s0"}
+    assert not aa & {"at/random_c0.1_s0", "at/dense_s0", "natural/bcs_c0.01_s0", "at/bcs_c0.05_e3_s0",
+                     "at/fixed_c0.5_e3_s0", "at/hydra_c0.2_e3_s0"}
     # every reinit control starts from the rewound ticket of its own connectivity
     for rid, spec in the_plan.runs.items():
         if spec.flags.get("reinit"):
