@@ -13,7 +13,7 @@ import importlib.util
 import pathlib
 import sys
 
-from export.options import FORMATS, MICRO_FILES, QUANTIZE, default_out
+from export.options import FORMATS, MICRO_FILES, NEEDS_TFLM, QUANTIZE, default_out
 from bcs_run import cli
 from bcs_run.config import finished_network
 
@@ -63,8 +63,7 @@ def parse_args(argv=None):
         raise cli.FlagError(f"--quantize applies to --format tflite only (micro is always int8). Received: "
                             f"--format {args.format} --quantize {args.quantize}")
     if args.format == "micro" and importlib.util.find_spec("tflite_micro") is None:
-        raise cli.FlagError("--format micro needs the TFLite Micro interpreter: pip install tflite-micro pyyaml "
-                            "(or the project's [micro] extra)")
+        raise cli.FlagError(NEEDS_TFLM)
     if finished_network(args.run_dir) is None:
         raise cli.FlagError(f"{args.run_dir} has no model.keras or network.npz (is it a finished `training.run` "
                             "output or an archived run of a results directory?)")

@@ -5,6 +5,8 @@ import pathlib
 FORMATS = ("keras", "tflite", "onnx", "micro")
 MICRO_FILES = ("model_data.h", "model_data.cc", "model_ops.h")  # beside the .tflite of --format micro
 QUANTIZE = ("none", "dynamic", "float16", "int8")
+NEEDS_TFLM = ("--format micro needs the TFLite Micro interpreter: pip install tflite-micro pyyaml (or the project's "
+              "[micro] extra)")
 
 
 def default_out(run_dir, fmt, quantize):

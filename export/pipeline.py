@@ -106,16 +106,13 @@ def build_micro(plain, calib, verbose, info):
     micro.require_tflm()
     with native_output(verbose):
         data = micro.convert(plain, calib)
-        quant = micro.io_quantization(data)
     smallest = micro.smallest_arena(data)
     arena = {"smallest_bytes": smallest, "margin": micro.ARENA_MARGIN,
              "recommended_bytes": micro.recommended_arena(smallest),
              "measured_on": "tflite-micro's x86 interpreter (reference kernels), bisection to 16 bytes"}
     runtime = micro.MicroRuntime(data, arena["recommended_bytes"])
     info.update(runtime="tflite-micro (x86 build, reference kernels)", micro={
-        "flash_bytes": len(data), "arena": arena, "ops": micro.ops(data),
-        "input_scale": quant["input"][0], "input_zero_point": quant["input"][1],
-        "output_scale": quant["output"][0], "output_zero_point": quant["output"][1],
+        "flash_bytes": len(data), "arena": arena, "ops": micro.ops(data), **runtime.quantization(),
         "weights": "int8 per-channel, dense storage (TFLM has no sparse tensors)"})
     return data, runtime, "int8", info, tflite_sparse.kernel_nonzeros(data)
 
@@ -200,8 +197,7 @@ def export(args):
     atomic_write(out, data)
     if args.format == "micro":
         m = report["micro"]
-        quant = {"input": (m["input_scale"], m["input_zero_point"]), "output": (m["output_scale"], m["output_zero_point"])}
-        files = {**micro.c_sources(data, quant, m["arena"]), "model_ops.h": micro.ops_header(m["ops"])}
+        files = {**micro.c_sources(data, m), "model_ops.h": micro.ops_header(m["ops"])}
         for name, text in files.items():
             atomic_write(out.parent / name, text)
         m["files"] = sorted(files)

@@ -17,5 +17,5 @@ fi
   | grep -v "^WARNING: Location" || true
 # the project itself, editable, its extras held to the pinned set (console scripts bcs-train, bcs-evaluate, …)
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -c requirements.txt \
-  -e '.[eval,export,micro,dev]' 2>&1 | grep -v "^WARNING: Location" || true
+  -e '.[eval,export,micro,ray,dev]' 2>&1 | grep -v "^WARNING: Location" || true
 TF_CPP_MIN_LOG_LEVEL=3 PYTHONPATH=. .venv/bin/python -c "import tensorflow, keras, bcs_tf" 2>/dev/null || { echo "error: installation incomplete" >&2; exit 1; }

@@ -9,8 +9,9 @@ import pytest
 from training.run import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
-        "--batch-size", "128", "--verbose", "0"]
+from conftest import TINY_RUN  # noqa: E402
+
+FAST = TINY_RUN + ["--batch-size", "128"]
 
 
 @pytest.mark.parametrize("flags,name", [

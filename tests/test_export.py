@@ -10,8 +10,9 @@ from export.strip import kernel_nonzeros, strip_model
 from export.tflite import convert
 from training.run import main as train_main
 
-FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
-        "--verbose", "0", "--max-steps", "3", "--connectivity", "0.01"]
+from conftest import TINY_RUN  # noqa: E402
+
+FAST = TINY_RUN + ["--max-steps", "3", "--connectivity", "0.01"]
 
 
 @pytest.fixture(scope="module")

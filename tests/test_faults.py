@@ -23,8 +23,9 @@ from tests.conftest import tiny_sparse_net
 from training.run import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
-        "--batch-size", "128", "--verbose", "0", "--no-report"]  # 7 steps per epoch
+from conftest import TINY_RUN  # noqa: E402
+
+FAST = TINY_RUN + ["--batch-size", "128", "--no-report"]  # 7 steps per epoch
 
 
 def _files(run):

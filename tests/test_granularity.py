@@ -124,8 +124,9 @@ def test_channel_granularity_refuses_residual_networks():
         build_model("resnet18", "bcs", 0.1, granularity="channel")
 
 
-FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
-        "--verbose", "0", "--max-steps", "3", "--no-report"]
+from conftest import TINY_RUN  # noqa: E402
+
+FAST = TINY_RUN + ["--max-steps", "3", "--no-report"]
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from bcs_tf.objectives import make_objective
 from bcs_run.config import RunConfig
 from training.run import main
 
-FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
-        "--batch-size", "128", "--verbose", "0", "--objective", "at"]
+from conftest import TINY_RUN  # noqa: E402
+
+FAST = TINY_RUN + ["--batch-size", "128", "--objective", "at"]
 
 
 @pytest.fixture(scope="module")

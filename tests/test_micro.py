@@ -9,8 +9,9 @@ import pytest
 
 from training.run import main as train_main
 
-FAST = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
-        "--verbose", "0", "--max-steps", "3", "--no-report"]
+from conftest import TINY_RUN  # noqa: E402
+
+FAST = TINY_RUN + ["--max-steps", "3", "--no-report"]
 
 pytest.importorskip("tflite_micro", reason="the [micro] extra (tflite-micro) is not installed")
 pytestmark = pytest.mark.integration  # every test trains a run or exports one

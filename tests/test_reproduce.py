@@ -145,15 +145,81 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert (out / "manifest.json").read_text() == before
 
 
-def test_two_jobs_give_the_tables_of_one_and_run_sources_first(tmp_path):
-    logs = {}
-    for jobs in (1, 2):
-        proc = _reproduce(tmp_path / f"out{jobs}", tmp_path / f"runs{jobs}", extra=("--jobs", str(jobs), "--threads", "1"))
-        logs[jobs], _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, logs[jobs]
-    assert "in flight: " in logs[2] and "in flight: " not in logs[1]
-    for name in ("table_bcs.md",):
-        assert (tmp_path / "out2" / name).read_text() == (tmp_path / "out1" / name).read_text()
+def _training_pid(run_dir):
+    """The pid of the ``training.run`` process writing ``run_dir``, or None."""
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if "training.run" in args and str(run_dir) in args:
+            return int(proc.name)
+    return None
+
+
+def _parent(pid):
+    return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _kill_after_first_checkpoint(proc, run_dir, which="training"):
+    """SIGKILL the training process of ``run_dir`` (``which="training"``) or its parent, the Ray worker running
+    its task (``"ray worker"``), once its epoch-1 checkpoint is written and before the run ends; returns the
+    pid killed."""
+    state = run_dir / "checkpoint" / "state.json"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            ready = json.loads(state.read_text())["epoch"] >= 1 and not (run_dir / "metrics.json").exists()
+        except (OSError, ValueError, KeyError):
+            ready = False
+        pid = _training_pid(run_dir) if ready else None
+        if pid:
+            if which == "ray worker":
+                pid = _parent(pid)
+                assert pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"), "not a Ray worker"
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.02)
+    raise AssertionError(f"{run_dir}: never caught between its first checkpoint and its end")
+
+
+def _assert_killed_once_and_complete(out, rid, log):
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 7 and all(r["status"] == "finished" for r in manifest["runs"].values()), log
+    entry = manifest["runs"][rid]
+    assert entry["killed_processes"] == 1 and 0 < entry["killed_process_seconds"] <= entry["process_seconds"], entry
+    assert "process_started_at" not in entry
+
+
+@pytest.fixture(scope="module")
+def one_job_with_a_killed_training_process(tmp_path_factory):
+    """The smoke BCS table with ``--jobs 1 --threads 1``, its first run's training process SIGKILLed after its
+    first checkpoint: ``(results dir, runs dir, log)``."""
+    tmp = tmp_path_factory.mktemp("one-job")
+    out, runs = tmp / "out", tmp / "runs"
+    proc = _reproduce(out, runs, extra=("--jobs", "1", "--threads", "1"))
+    _kill_after_first_checkpoint(proc, runs / "at" / "dense_s0")
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log
+    return out, runs, log
+
+
+def test_a_training_process_killed_outright_is_resumed_and_its_lost_time_recorded(
+        one_job_with_a_killed_training_process):
+    out, runs, log = one_job_with_a_killed_training_process
+    assert "at/dense_s0: the training process was killed (signal 9); resuming" in log, log
+    assert "resuming" in (runs / "at" / "dense_s0.log").read_text()
+    _assert_killed_once_and_complete(out, "at/dense_s0", log)
+
+
+def test_two_jobs_give_the_tables_of_one_and_run_sources_first(tmp_path, one_job_with_a_killed_training_process):
+    one, _, _ = one_job_with_a_killed_training_process
+    proc = _reproduce(tmp_path / "out2", tmp_path / "runs2", extra=("--jobs", "2", "--threads", "1"))
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log
+    assert "in flight: " in log
+    # same seeds and threads, and the killed run resumed exactly: the same numbers
+    assert (tmp_path / "out2" / "table_bcs.md").read_text() == (one / "table_bcs.md").read_text()
     manifest = json.loads((tmp_path / "out2" / "manifest.json").read_text())
     assert all(r["status"] == "finished" for r in manifest["runs"].values()) and len(manifest["runs"]) == 7
     assert manifest["invocations"][-1]["jobs"] == 2 and manifest["invocations"][-1]["threads"] == 1
@@ -161,6 +227,26 @@ def test_two_jobs_give_the_tables_of_one_and_run_sources_first(tmp_path):
     dense = tmp_path / "runs2" / "at" / "dense_s0"
     fixed_log = (tmp_path / "runs2" / "at" / "fixed_c0.01_s0.log")
     assert (dense / "metrics.json").stat().st_mtime <= fixed_log.stat().st_ctime
+
+
+@pytest.mark.ray
+def test_a_local_ray_cluster_gives_the_same_tables_and_retries_a_killed_worker(
+        tmp_path, one_job_with_a_killed_training_process):
+    pytest.importorskip("ray")
+    one, _, _ = one_job_with_a_killed_training_process
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    proc = _reproduce(out, runs, heartbeat=0.5, extra=("--executor", "ray", "--threads", "1"))
+    _kill_after_first_checkpoint(proc, runs / "at" / "dense_s0", which="ray worker")
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log
+    assert (out / "table_bcs.md").read_text() == (one / "table_bcs.md").read_text()
+    _assert_killed_once_and_complete(out, "at/dense_s0", log)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["invocations"][-1]["executor"] == "ray"
+    assert not list(runs.rglob("*.progress.json"))  # the driver merged every task's progress into the manifest
+    # Fixed started from dense's result: its task began after dense's metrics were written
+    assert (runs / "at" / "dense_s0" / "metrics.json").stat().st_mtime <= \
+        (runs / "at" / "fixed_c0.01_s0.log").stat().st_ctime
 
 
 def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, monkeypatch):
@@ -180,7 +266,7 @@ def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, mo
         return subprocess.CompletedProcess(cmd, -9 if len(calls) == 1 else 0)
 
     monkeypatch.setattr(jobs, "_call", killed_once)
-    worker = jobs._Worker(the_plan, runs, out, manifest, {spec.id: "train"}, threads=1)
+    worker = jobs.Worker(the_plan, runs, out, manifest, {spec.id: "train"}, threads=1)
     assert worker._train(spec, "train", ["python", "-m", "training.run"]) is not None
     assert "--resume" not in calls[0] and calls[1][-1] == "--resume"
     entry = manifest.data["runs"][spec.id]
@@ -205,14 +291,16 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots
     (out / "runs" / dense.id).mkdir(parents=True)
     (out / "runs" / dense.id / "metrics.json").write_text("{}")
     (out / "runs" / dense.id / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in dense.attacks}}))
-    assert jobs._states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
-    assert jobs._states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
+    assert jobs.run_states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
+    assert jobs.run_states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
     archived = {dense.id: out / "runs" / dense.id}
     assert str(out / "runs" / dense.id) in train_command(fixed, runs, archived)
     assert str(runs / dense.id) in train_command(fixed, runs)
 
 
 @pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),
+                                         (["--executor", "ray", "--jobs", "2"], "--jobs"),
+                                         (["--address", "auto"], "--address"),
                                          (["--dataset", "mnist"], "--dataset")])
 def test_bad_reproduce_flags_give_one_line(tmp_path, capsys, argv, needle):
     assert main(argv + ["--out", str(tmp_path / "r"), "--dry-run"]) == 2
@@ -241,7 +329,7 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(jobs, "_call", finish_instantly)
-    monkeypatch.setattr(jobs, "_collect", lambda *a, **k: None)
+    monkeypatch.setattr(jobs, "collect", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
         jobs._execute(the_plan, runs, out, manifest, False, [], collected=None)
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[2/"))

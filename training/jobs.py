@@ -69,6 +69,28 @@ def _attacks_done(run_dir, spec):
     return True
 
 
+def update_entry(entry, changes):
+    """``entry.update(changes)``, where a value of None removes the key."""
+    for key, value in changes.items():
+        if value is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+
+
+def _wait_unlocked(run_dir, seconds=120):
+    """Wait until no process holds ``run_dir`` (a killed supervisor's training process may still be exiting)."""
+    deadline = time.time() + seconds
+    while run_dir.is_dir():
+        try:
+            with cli.exclusive(run_dir, "--out"):
+                return
+        except cli.FlagError:
+            if time.time() > deadline:
+                return  # training.run names the holder in its own error
+            time.sleep(0.2)
+
+
 def _die_with_parent():
     """In the child, before it runs (Linux): SIGTERM when ``reproduce`` dies, even by SIGKILL, rather than a
     training run going on alone and holding its directory while the job is started again."""
@@ -141,9 +163,14 @@ class Manifest:
             self.data = saved
         self._lock = threading.RLock()  # the workers record their runs' times as they go
 
+    def entry(self, rid):
+        """The manifest entry of run ``rid`` (empty when it has none)."""
+        return self.data["runs"].get(rid, {})
+
     def record(self, rid, **entry):
+        """Update run ``rid``'s entry (a value of None removes its key) and save."""
         with self._lock:
-            self.data["runs"].setdefault(rid, {}).update(entry)
+            update_entry(self.data["runs"].setdefault(rid, {}), entry)
             self.save()
 
     def save(self):
@@ -152,7 +179,7 @@ class Manifest:
             atomic_write(self.path, json.dumps(self.data, indent=1))
 
 
-def _states(specs, runs_dir, out, manifest):
+def run_states(specs, runs_dir, out, manifest):
     """What each run still needs: ``done``, ``collected`` (its results are in ``out`` but its run directory is
     not here, e.g. on a new machine), ``evaluate``, ``resume`` or ``train``.
 
@@ -198,15 +225,25 @@ def execute(the_plan, runs_dir, out, manifest, dry_run=False, collected=None, jo
     return failed, False
 
 
-class _Worker:
-    """What a worker thread needs to run one run: the plan's settings, the directories, the manifest."""
+class Worker:
+    """What runs one run, in a thread of the driver or in a Ray task: the plan's settings, the directories, every
+    run's state and ``progress``, where the run's times and status go as they happen (the :class:`Manifest` itself,
+    or a Ray task's progress file that the driver merges into it): anything with ``entry(rid)`` and
+    ``record(rid, **entry)``."""
 
-    def __init__(self, the_plan, runs_dir, out, manifest, states, threads):
-        self.p, self.runs_dir, self.out, self.manifest = the_plan.p, runs_dir, out, manifest
+    def __init__(self, the_plan, runs_dir, out, progress, states, threads):
+        self.p, self.runs_dir, self.out, self.progress = the_plan.p, runs_dir, out, progress
         self.states, self.threads = states, threads
 
+    def commands(self, spec):
+        """``(training command, {report name: evaluation command})`` of ``spec``."""
+        train_cmd = train_command(spec, self.runs_dir, {dep: self.out / "runs" / dep for dep in spec.deps
+                                                        if self.states[dep] == "collected"})
+        return train_cmd, eval_commands(spec, self.runs_dir, self.p)
+
     def run(self, spec):
-        """Train (when needed), evaluate, archive and collect ``spec``; ``(ok, its training seconds or None)``."""
+        """Train (when needed), evaluate and archive ``spec``; ``(ok, its training seconds or None)``. The driver
+        collects it."""
         try:
             return self._run(spec)
         except _Stopped:  # the driver is stopping: the run resumes next time
@@ -214,88 +251,118 @@ class _Worker:
 
     def _run(self, spec):
         state = self.states[spec.id]
-        train_cmd = train_command(spec, self.runs_dir, {dep: self.out / "runs" / dep for dep in spec.deps
-                                                        if self.states[dep] == "collected"})
+        if state in ("resume", "train"):  # a retried Ray task finds what its killed attempt left
+            run = RunDir(self.runs_dir / spec.id)
+            state = "evaluate" if run.is_complete() else "resume" if run.config.is_file() else state
+        train_cmd, evals = self.commands(spec)
         seconds = None
         if state in ("resume", "train"):
             seconds = self._train(spec, state, train_cmd)
             if seconds is None:
                 return False, None
-        evals = eval_commands(spec, self.runs_dir, self.p)
-        if state != "done" and not _evaluate(spec, self.runs_dir, self.manifest, evals, self.threads):
+        if state != "done" and not _evaluate(spec, self.runs_dir, self.progress, evals, self.threads):
             return False, seconds
-        _collect(spec, self.runs_dir, self.out, self.manifest, train_cmd, evals)
         return True, seconds
 
     def _train(self, spec, state, train_cmd):
         """The run's training processes (a killed one resumed up to :data:`RETRIES` times); the run's whole
         training time, or None when it failed."""
-        manifest, rid = self.manifest, spec.id
+        progress, rid = self.progress, spec.id
         (self.runs_dir / rid).parent.mkdir(parents=True, exist_ok=True)
-        entry = manifest.data["runs"].get(rid, {})
+        entry = progress.entry(rid)
         machines = entry.get("machines", [])
+        if state == "resume":
+            _wait_unlocked(self.runs_dir / rid)
+        if entry.get("process_started_at") is not None and state == "resume":
+            # a training process died with its supervisor (a killed Ray worker, a driver killed outright): lost time
+            _count_killed(progress, rid, entry.get("process_seconds", 0.0) - entry["process_started_at"])
         if state == "train" and entry.get("process_seconds"):
             # an earlier process's checkpoint is gone: its time is set apart, not counted as this run's cost
-            manifest.record(rid, process_seconds=0.0, discarded_seconds=entry.get("discarded_seconds", 0.0)
+            progress.record(rid, process_seconds=0.0, discarded_seconds=entry.get("discarded_seconds", 0.0)
                             + entry["process_seconds"])
             machines = []
-        manifest.record(rid, status="running", command=_display(train_cmd), commit=git_commit(self.out),
+        progress.record(rid, status="running", command=_display(train_cmd), commit=git_commit(self.out),
                         machines=sorted(set(machines) | {_machine()}))
         resume = state == "resume"
         for attempt in range(RETRIES + 1):
-            t0, spent = time.time(), manifest.data["runs"][rid].get("process_seconds", 0.0)
+            t0, spent = time.time(), progress.entry(rid).get("process_seconds", 0.0)
+            # set while the process runs: a supervisor killed with it leaves it, and the next attempt counts the loss
+            progress.record(rid, process_started_at=spent)
             try:
                 result = _call(train_cmd + (["--resume"] if resume else []), self.runs_dir / f"{rid}.log",
-                               tick=lambda seconds: manifest.record(rid, process_seconds=spent + seconds),
+                               tick=lambda seconds: progress.record(rid, process_seconds=spent + seconds),
                                threads=self.threads)
             except _Stopped:
-                manifest.record(rid, status="stopped")
+                progress.record(rid, status="stopped")
                 raise
             finally:
                 # every training process of the run, a stopped or killed one included: what the run cost here
-                manifest.record(rid, process_seconds=spent + time.time() - t0)
+                progress.record(rid, process_seconds=spent + time.time() - t0, process_started_at=None)
             killed = result.returncode < 0 and (self.runs_dir / rid / RunDir.CONFIG).is_file()
             if result.returncode == 0 or not killed or attempt == RETRIES:
                 break
             print(f"    {rid}: the training process was killed (signal {-result.returncode}); resuming from its "
                   "last checkpoint", flush=True)
-            manifest.record(rid, killed_processes=manifest.data["runs"][rid].get("killed_processes", 0) + 1,
-                            killed_process_seconds=manifest.data["runs"][rid].get("killed_process_seconds", 0.0)
-                            + time.time() - t0)
+            _count_killed(progress, rid, time.time() - t0)
             resume = True
         if result.returncode != 0:
             print(f"    {rid}: training failed (exit {result.returncode}); see {self.runs_dir / rid}.log", flush=True)
-            manifest.record(rid, status="failed", command=_display(train_cmd), commit=git_commit(self.out))
+            progress.record(rid, status="failed", command=_display(train_cmd), commit=git_commit(self.out))
             return None
         # the run's whole training time, not just this process's: a resumed run's full cost is counted
-        return manifest.data["runs"][rid]["process_seconds"]
+        return progress.entry(rid)["process_seconds"]
+
+
+class Eta:
+    """The time the runs not yet started will take: seconds per cost unit (:attr:`RunSpec.cost`) measured on this
+    invocation's trained runs (the machine's load now) once one has trained, else on the manifest's finished runs,
+    else a guess; divided by the runs that go at once (``parallel``)."""
+
+    def __init__(self, specs, manifest, parallel=1):
+        self.total, self.parallel = sum(s.cost for s in specs), parallel
+        self.position = {spec.id: i for i, spec in enumerate(specs, start=1)}
+        earlier = [s for s in specs if manifest.entry(s.id).get("status") == "finished"]
+        self.seconds = sum(run_seconds(manifest.entry(s.id)) for s in earlier)
+        self.cost = sum(s.cost for s in earlier) if self.seconds else 0.0
+        self.started_cost = self.here_seconds = self.here_cost = 0.0
+
+    def started(self, spec):
+        """``spec`` has started (or was found done): its cost leaves the ETA."""
+        self.started_cost += spec.cost
+
+    def trained(self, spec, seconds):
+        """``spec`` trained here in ``seconds``."""
+        self.here_seconds, self.here_cost = self.here_seconds + seconds, self.here_cost + spec.cost
+
+    def minutes(self):
+        """Minutes until the runs not yet started have finished."""
+        rate = (self.here_seconds / self.here_cost if self.here_cost else self.seconds / self.cost if self.cost
+                else 45.0)
+        return (self.total - self.started_cost) * rate / self.parallel / 60
+
+
+def _count_killed(progress, rid, seconds):
+    """Record one killed training process of ``rid`` and the ``seconds`` it ran (lost up to its checkpoint)."""
+    entry = progress.entry(rid)
+    progress.record(rid, killed_processes=entry.get("killed_processes", 0) + 1,
+                    killed_process_seconds=entry.get("killed_process_seconds", 0.0) + seconds)
 
 
 def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs=1, threads=None):
     """:func:`execute`'s scheduler: in plan order, start every run whose sources have finished while fewer than
     ``jobs`` run; appends the ids that fail to ``failed``."""
     specs = list(the_plan.runs.values())
-    states = _states(specs, runs_dir, out, manifest)
-    n, position = len(specs), {spec.id: i for i, spec in enumerate(specs, start=1)}
-    total_cost = sum(s.cost for s in specs)
-    # the seconds per AT-epoch unit measured by earlier invocations seed the ETA
-    earlier = [s for s in specs if manifest.data["runs"].get(s.id, {}).get("status") == "finished"]
-    seconds = sum(run_seconds(manifest.data["runs"][s.id]) for s in earlier)
-    measured_cost = sum(s.cost for s in earlier) if seconds else 0.0
-    started_cost = 0.0
-    here_seconds = here_cost = 0.0  # this invocation's runs: the machine's load now, once one has trained
-    worker = _Worker(the_plan, runs_dir, out, manifest, states, threads)
+    states = run_states(specs, runs_dir, out, manifest)
+    eta = Eta(specs, manifest, jobs)
+    worker = Worker(the_plan, runs_dir, out, manifest, states, threads)
     finished, pending, running = set(), list(specs), {}
     _stop.clear()
 
     def announce(spec, state):
-        nonlocal started_cost
-        rate = here_seconds / here_cost if here_cost else seconds / measured_cost if measured_cost else 45.0
-        eta = (total_cost - started_cost) * rate / jobs
         flight = f"; in flight: {', '.join(s.id for s in running.values())}" if running else ""
-        print(f"[{position[spec.id]}/{n}] {spec.id}: {state}  (ETA of the rest ≈ {eta / 60:.0f} min{flight})",
-              flush=True)
-        started_cost += spec.cost
+        print(f"[{eta.position[spec.id]}/{len(specs)}] {spec.id}: {state}  (ETA of the rest ≈ {eta.minutes():.0f} "
+              f"min{flight})", flush=True)
+        eta.started(spec)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         try:
@@ -323,9 +390,10 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs
                     if not ok:
                         failed.append(spec.id)
                         continue
+                    collect(spec, runs_dir, out, manifest, *worker.commands(spec))
                     finished.add(spec.id)
                     if trained is not None:
-                        here_seconds, here_cost = here_seconds + trained, here_cost + spec.cost
+                        eta.trained(spec, trained)
                     if collected is not None:
                         collected()
         except BaseException:  # Ctrl-C, SIGTERM: the runs in flight stop and resume next time
@@ -333,11 +401,11 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs
             raise
 
 
-def _evaluate(spec, runs_dir, manifest, evals, threads=None):
+def _evaluate(spec, runs_dir, progress, evals, threads=None):
     """Run the evaluations of ``spec`` (each resumes what an earlier one wrote) and archive its network; returns
     whether all succeeded."""
     log = runs_dir / f"{spec.id}.log"
-    t0, spent = time.time(), manifest.data["runs"].get(spec.id, {}).get("eval_seconds", 0.0)
+    t0, spent = time.time(), progress.entry(spec.id).get("eval_seconds", 0.0)
     try:
         for name, cmd in evals.items():
             result = _call(cmd, log, threads=threads)
@@ -351,7 +419,7 @@ def _evaluate(spec, runs_dir, manifest, evals, threads=None):
                 print(f"    archiving the network failed (exit {result.returncode}); see {log}")
                 return False
     finally:
-        manifest.record(spec.id, eval_seconds=spent + time.time() - t0)
+        progress.record(spec.id, eval_seconds=spent + time.time() - t0)
     return True
 
 
@@ -360,7 +428,7 @@ def _display(cmd):
     return " ".join(["python"] + [str(c).replace(str(ROOT) + os.sep, "") for c in cmd[1:]])
 
 
-def _collect(spec, runs_dir, out, manifest, train_cmd, evals):
+def collect(spec, runs_dir, out, manifest, train_cmd, evals):
     """Copy the run's metrics, evaluations and archived network into ``out/runs/ID`` and record the run in the
     manifest."""
     run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id

@@ -46,9 +46,15 @@ def build_parser():
     p.add_argument("--jobs", type=cli.positive(int), default=1, metavar="N",
                    help="runs at once, each started when its sources have finished (training and evaluation "
                    "processes; docs/benchmarks.md measures 2 against 1 on 2 cores)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: processes on this machine (--jobs); ray: every run a Ray task on a local Ray cluster "
+                   "or the one at --address (pip install 'bcs-tf[ray]'; docs/reproduce.md)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster to join (e.g. HEAD_IP:6379, or auto); default: start a "
+                   "local one on this machine")
     p.add_argument("--threads", type=cli.positive(int), default=None, metavar="N",
-                   help="TensorFlow intra- and inter-op threads of each process (default: all cores with --jobs 1, "
-                   "else cores ÷ N)")
+                   help="TensorFlow intra- and inter-op threads of each process, and a Ray task's CPUs (default: "
+                   "all cores with --jobs 1, cores ÷ N with --jobs N, 1 with Ray)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is done, train nothing")
     return p
 
@@ -76,6 +82,11 @@ def main(argv=None):
     unknown = [t for t in tables if t not in TABLES]
     if unknown or not tables:
         raise cli.FlagError(f"--table: choose from {', '.join(TABLES)} or all. Received: {args.table!r}")
+    if args.executor == "ray" and args.jobs != 1:
+        raise cli.FlagError("--jobs is for --executor local; with Ray as many runs go at once as the cluster has "
+                            "CPUs for (--threads each)")
+    if args.address and args.executor != "ray":
+        raise cli.FlagError("--address: only with --executor ray")
     out = pathlib.Path(args.out or f"results/{args.dataset}-{args.preset}")
     runs_dir = pathlib.Path(args.runs_dir or f"runs/reproduce/{args.dataset}-{args.preset}").resolve()
     settings = {"dataset": args.dataset, "preset": args.preset, **{k: list(v) if isinstance(v, tuple) else v
@@ -96,14 +107,20 @@ def main(argv=None):
 def _reproduce(args, tables, the_plan, runs_dir, out, manifest, t0):
     """:func:`main` once the plan is made and ``out`` is locked: every run, then the tables and the sums."""
     # tables and sums after every collected run, so a job killed outright still leaves them up to date
-    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
-    failed, stopped = execute(the_plan, runs_dir, out, manifest,
-                              collected=lambda: _summarise(tables, the_plan, out, manifest), jobs=args.jobs,
-                              threads=threads)
+    collected = lambda: _summarise(tables, the_plan, out, manifest)  # noqa: E731
+    if args.executor == "ray":
+        from training import ray_jobs
+
+        threads = args.threads or 1
+        failed, stopped = ray_jobs.execute(the_plan, runs_dir, out, manifest, collected, threads, args.address)
+    else:
+        threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None)
+        failed, stopped = execute(the_plan, runs_dir, out, manifest, collected=collected, jobs=args.jobs,
+                                  threads=threads)
     written = _summarise(tables, the_plan, out, manifest)
     manifest.data.setdefault("invocations", []).append(
         {"tables": list(tables), "seeds": args.seeds, "full_eval": args.full_eval, "aa": args.aa,
-         "jobs": args.jobs, "threads": threads, "commit": git_commit(out),
+         "executor": args.executor, "jobs": args.jobs, "threads": threads, "commit": git_commit(out),
          "wall_seconds": time.time() - t0, "failed": failed, "stopped": stopped})
     manifest.save()
     measured = manifest.data["measured"]
