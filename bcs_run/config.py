@@ -77,6 +77,8 @@ class RunConfig:
     extra_fraction: float = flag(0.5, "data", "RST: fraction of each batch drawn from --extra-data, in (0, 1)")
     model: str = flag("small_cnn", "model", "small_cnn (3 conv-BN-ReLU blocks + 128-unit head) is the CPU "
                       "default, _x2/_x4 its wider versions; the rest are the paper's CIFAR networks", MODEL_NAMES)
+    width: float = flag(1.0, "model", "multiplier of small_cnn's channels (each layer keeps max(1, round(n·W))): "
+                        "e.g. 0.25 for a narrow dense network that fits a microcontroller's flash")
     precision: str = flag("float32", "model", "mixed_bfloat16: bfloat16 compute on AMX/AVX-512-BF16 CPUs and "
                           "GPUs; mixed_float16: float16 compute with dynamic loss scaling (GPU tensor cores); "
                           "θ, γ, the sampler, the test evaluation and model.keras stay float32", PRECISION_NAMES)
@@ -93,8 +95,9 @@ class RunConfig:
     block_size: int = flag(4, "sparsity", "B of --granularity block: 4 for LiteRT's float32 sparse FC kernel, 16 "
                            "for its int8 one")
     budget: typing.Optional[str] = flag(None, "sparsity", "global: one budget int(C·Σ sizes) over all layers "
-                                        "(the BCS authors'); layer: round(C·n) in every layer (HYDRA's rule)",
-                                        BUDGET_MODES, shown="layer for hydra, else global")
+                                        "(the BCS authors'); layer: round(C·n) in every layer (HYDRA's rule; at "
+                                        "channel granularity it holds the compacted size fixed)",
+                                        BUDGET_MODES, shown="layer for hydra and --granularity channel, else global")
     temperature: typing.Optional[float] = flag(None, "sparsity", "Langevin temperature T: noise sqrt(2·lr·T)·N(0,1) "
                                                "on active θ", shown="η₀σ²/2 with the authors' σ=1e-6")
     alpha: typing.Optional[float] = flag(None, "sparsity", "extra L1 prior α·Σmax(0,θ) (besides the decoupled "
@@ -159,6 +162,8 @@ class RunConfig:
                 bad(field.name, f"must be one of {', '.join(allowed)}")
         if not 0.0 < self.connectivity <= 1.0:
             bad("connectivity", "must be in (0, 1] (1 = dense)")
+        if self.width != 1.0 and (self.model != "small_cnn" or not self.width > 0):
+            bad("width", f"scales small_cnn's channels and must be > 0 (model {self.model})")
         for flag in ("epochs", "batch_size"):
             if getattr(self, flag) < 1:
                 bad(flag, "must be ≥ 1")
@@ -276,10 +281,13 @@ class RunConfig:
 
     @property
     def effective_budget(self):
-        """``--budget``, else HYDRA's own rule (k per layer) for hydra and the BCS authors' global budget otherwise."""
+        """``--budget``, else k per layer for hydra (its own rule) and for channel granularity, and the BCS
+        authors' global budget otherwise. Channels per layer fixed means a fixed compacted size: a layer's
+        parameters are its channel count times its input layer's (times the kernel size), so with one global
+        channel budget the sampler moves channels into wider layers and the network the board sees grows."""
         if self.budget is not None:
             return self.budget
-        return "layer" if self.method == "hydra" else "global"
+        return "layer" if self.method == "hydra" or self.granularity == "channel" else "global"
 
     def attack(self):
         """The training attack."""

@@ -13,19 +13,24 @@ from bcs_tf.factory import batch_norm, bn_relu, conv_bn_relu, gated_bn_relu
 
 def small_cnn(f, input_shape=(28, 28, 1), num_classes=10, width=1):
     """Three conv-BN-ReLU blocks (16w, 32w/2, 64w/2 channels) and a 128w-unit dense head (≈426k kernel entries
-    at width w = 1).
+    at width w = 1; a fractional w keeps max(1, round(n·w)) of each layer's n channels).
 
     Sized for CPU adversarial training of 28×28 images (see bench/step_time.py for its step time); wider
-    variants are the large networks of inverse weights inheritance.
+    variants are the large networks of inverse weights inheritance, narrower ones the dense baselines that fit
+    a microcontroller's flash (bench/micro.py).
     """
+    def channels(n):
+        return n * width if isinstance(width, int) else max(1, round(n * width))
+
     inputs = keras.Input(input_shape, name="image")
-    x = conv_bn_relu(f, inputs, 16 * width, 1, "block1", tag="first")
-    x = conv_bn_relu(f, x, 32 * width, 2, "block2", tag="second")
-    x = conv_bn_relu(f, x, 64 * width, 2, "block3")
+    x = conv_bn_relu(f, inputs, channels(16), 1, "block1", tag="first")
+    x = conv_bn_relu(f, x, channels(32), 2, "block2", tag="second")
+    x = conv_bn_relu(f, x, channels(64), 2, "block3")
     x = keras.layers.Flatten(name="flatten")(x)
-    x = gated_bn_relu(f, f.dense(128 * width, name="fc1")(x), "fc1")
+    x = gated_bn_relu(f, f.dense(channels(128), name="fc1")(x), "fc1")
     outputs = f.dense(num_classes, name="logits", tag="output")(x)
-    return keras.Model(inputs, outputs, name="small_cnn" if width == 1 else f"small_cnn_x{width}")
+    name = "small_cnn" if width == 1 else f"small_cnn_x{width}" if isinstance(width, int) else f"small_cnn_w{width:g}"
+    return keras.Model(inputs, outputs, name=name)
 
 
 def vgg16(f, input_shape=(32, 32, 3), num_classes=10):

@@ -80,14 +80,15 @@ def precision_policy(precision):
 
 
 def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="global", seed=0,
-                input_shape=None, num_classes=10, precision="float32", granularity="weight", block_size=4):
+                input_shape=None, num_classes=10, precision="float32", granularity="weight", block_size=4, width=1):
     """Build model ``name`` for ``method``; returns ``(model, allocation)`` (allocation is None when dense).
 
     ``method="dense"`` or ``connectivity=1`` gives standard Keras layers; otherwise every conv and dense
     kernel is a sparse layer and the exact budget is set (see :func:`bcs_tf.connectivity.allocate_budget`),
     counted in ``granularity`` units (weights, ``block_size`` blocks of dense layers, or channels; see
     :class:`~bcs_tf.factory.LayerFactory`). ``precision`` is the compute dtype policy (see
-    :func:`precision_policy`); the model outputs float32 logits.
+    :func:`precision_policy`); the model outputs float32 logits. ``width`` (small_cnn only) scales every
+    layer's channels, e.g. 0.25 for a narrow dense network.
     """
     if name not in MODELS:
         raise ConfigError(f"unknown model; choose one of {sorted(MODELS)}. Received: model={name!r}")
@@ -95,6 +96,10 @@ def build_model(name="small_cnn", method="bcs", connectivity=0.01, budget="globa
         raise ConfigError(f"unknown method; choose one of {METHODS}. Received: method={method!r}")
     check_fraction(connectivity)
     spec = MODELS[name]
+    if width != 1:
+        if name != "small_cnn" or not width > 0:
+            raise ConfigError(f"width scales small_cnn's channels (> 0). Received: model={name!r}, width={width!r}")
+        spec = _small_cnn(float(width))
     input_shape = tuple(input_shape or spec.input_shape)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise ConfigError(f"input shape must be (height, width, channels). Received: input_shape={input_shape}")

@@ -154,6 +154,39 @@ def test_block_run_reports_blocks_and_exports_fc_without_densify(block_run):
     assert report["nonzeros"]["exported"] == report["nonzeros"]["expected"] == expected_nonzeros(net)
 
 
+def _compacted_sizes(budget, steps=12):
+    """small_cnn at 30% of its channels under ``budget``, trained ``steps`` natural steps hot enough that
+    channels die and come back: (per-layer counts and compacted parameters after each step, channels that died)."""
+    from export.compact import compact_channels
+
+    net, alloc = build_model("small_cnn", "bcs", 0.3, budget=budget, granularity="channel")
+    trainer = RobustTrainer(net, make_objective("natural"), AttackConfig(0.1, 0.05, 2), allocation=alloc,
+                            rewire=True, temperature=0.05)
+    trainer.compile(optimizer=keras.optimizers.SGD(2.0), jit_compile=False)
+    trainer.prepare()
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(64, 28, 28, 1)).astype("float32"), rng.integers(0, 10, 64).astype("int32")
+    after, moved = [], 0
+    for _, dead in rewiring_steps(trainer, x, y, steps):
+        moved += dead
+        counts = tuple(int(np.sum(np.asarray(gate.theta) > 0)) for gate in trainer.sampler.layers)
+        after.append((counts, compact_channels(net).count_params()))
+    return alloc, compact_channels(build_model("small_cnn", "bcs", 0.3, budget=budget, granularity="channel")[0]
+                                   ).count_params(), after, moved
+
+
+def test_channel_granularity_holds_the_compacted_size_after_every_step():
+    assert RunConfig(method="bcs", granularity="channel").effective_budget == "layer"
+    assert RunConfig(method="bcs", granularity="weight").effective_budget == "global"
+    alloc, start, after, moved = _compacted_sizes("layer")
+    assert moved > 0, "the test needs channels that die and come back"
+    for step, (counts, size) in enumerate(after):
+        assert counts == alloc.counts and size == start, f"step {step}: {counts}, {size} parameters vs {start}"
+    # what the per-layer default prevents: one global channel budget lets the size drift with the same steps
+    _, start, after, moved = _compacted_sizes("global")
+    assert moved > 0 and any(size != start for _, size in after)
+
+
 @pytest.mark.parametrize("granularity,alpha,expected", [("channel", None, CHANNEL_ALPHA), ("weight", None, 0.0),
                                                          ("block", None, 0.0), ("channel", 0.0, 0.0),
                                                          ("weight", 2e-4, 2e-4)])

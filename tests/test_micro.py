@@ -9,7 +9,7 @@ import pytest
 
 from training.run import main as train_main
 
-from conftest import TINY_RUN  # noqa: E402
+from conftest import TINY_RUN
 
 FAST = TINY_RUN + ["--max-steps", "3", "--no-report"]
 
@@ -118,3 +118,36 @@ def test_int8_refuses_when_too_many_trained_connections_would_vanish(tmp_path, c
                         "--max-zeroed", "1", "--n-examples", "32", "--out", str(out)]) == 0
     nonzeros = json.loads((tmp_path / "export_report.json").read_text())["x.tflite"]["nonzeros"]
     assert nonzeros["rounded_to_zero_by_quantization"] > 0.01 * nonzeros["keras_stripped"]
+
+
+@pytest.mark.slow
+def test_the_budget_benchmark_fits_widths_to_flash_and_compares_the_families_on_tflm(tmp_path, capsys):
+    from bench.micro import main as bench_main
+
+    out = tmp_path / "micro"
+    flags = ["--dataset", "synthetic", "--flash", "8k,16k", "--key", "16k", "--seeds", "2", "--epochs", "1",
+             "--max-steps", "2", "--val-split", "128", "--eval-examples", "32", "--aa-examples", "0",
+             "--export-examples", "32", "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--verbose", "0"]
+    assert bench_main(flags) == 0, capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    fits = {int(budget): width for budget, width in manifest["fits"].items()}
+    assert fits[8192] < fits[16384]
+    by_width = {int(k): v for k, v in manifest["flash_by_width"].items()}
+    for budget, width in fits.items():  # the widest width that fits, by the measured bytes
+        assert by_width[width] <= budget and by_width.get(width + 1, budget + 1) > budget
+    reports = sorted((out / "runs").glob("*/micro.json"))
+    assert len(reports) == 3 * (2 + 1)  # three families, two seeds at the key budget, one at the other
+    for path in reports:
+        entry = json.loads(path.read_text())
+        width = int(path.parent.name.split("_w")[1].split("of")[0])
+        budget = next(b for b, w in fits.items() if w == width)
+        assert entry["micro"]["flash_bytes"] <= budget  # every point is a real TFLM file within its budget
+        assert entry["micro"]["flash_bytes"] == path.with_suffix(".tflite").stat().st_size
+        assert (path.parent / "network.npz").is_file()  # the network behind the point is kept
+    table = (out / "table.md").read_text()
+    assert manifest["block_flash_bytes"] > 16384 and f"{manifest['block_flash_bytes']:,} bytes" in table
+    assert table.count("| BCS channels − dense, narrower |") == 3 and (out / "micro.png").stat().st_size > 0
+    # a second call trains and exports nothing again
+    mtimes = {p: p.stat().st_mtime for p in reports}
+    assert bench_main(flags) == 0
+    assert mtimes == {p: p.stat().st_mtime for p in reports}

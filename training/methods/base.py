@@ -54,7 +54,7 @@ class Context:
         return build_model(cfg.model, kind, cfg.connectivity if connectivity is None else connectivity,
                            cfg.effective_budget, cfg.seed if seed is None else seed, self.data.input_shape,
                            self.data.num_classes, precision=precision or cfg.precision,
-                           granularity=cfg.granularity, block_size=cfg.block_size)
+                           granularity=cfg.granularity, block_size=cfg.block_size, width=cfg.width)
 
     def source_model(self):
         """The ``--from`` run's selected network."""
@@ -116,8 +116,9 @@ def read_source(cfg, input_shape):
 def read_dense_source(cfg, input_shape):
     """:func:`read_source` for methods that prune a dense network of the same model."""
     source = read_source(cfg, input_shape)
-    if source.model != cfg.model:
-        raise ConfigError(f"--from: {cfg.from_run} is a {source.model}, this run a {cfg.model}")
+    if (source.model, source.width) != (cfg.model, cfg.width):
+        raise ConfigError(f"--from: {cfg.from_run} is a {source.model} of width {source.width:g}, this run a "
+                          f"{cfg.model} of width {cfg.width:g}")
     if source.sparse:
         raise ConfigError(f"--from: {cfg.from_run} is a sparse run (method {source.method}, connectivity "
                           f"{source.connectivity}); --method {cfg.method} prunes a dense one")

@@ -17,6 +17,9 @@ class InverseWeightsInheritance(Method):
     def check_source(self, cfg, input_shape):
         source = read_source(cfg, input_shape)
         small, large = MODELS[source.model], MODELS[cfg.model]
+        if source.width != 1 or cfg.width != 1:
+            raise ConfigError("--width: IWI grows small_cnn into small_cnn_x2/_x4, whose channels hold the small "
+                              "network's exactly; a fractional width has no such embedding")
         if small.family != large.family:
             raise ConfigError(f"--from: {cfg.from_run} is a {source.model}, not of the {cfg.model} family "
                               f"({large.family})")

@@ -55,8 +55,8 @@ class Lottery(Method):
             raise ConfigError(f"--reinit: --from must be a finished rewound lottery run, whose ticket it trains "
                               f"from a fresh initialisation; {cfg.from_run} is a {source.method} run"
                               + (" with --reinit" if source.reinit else ""))
-        if (source.model, source.connectivity, source.effective_budget) != (cfg.model, cfg.connectivity,
-                                                                           cfg.effective_budget):
+        if (source.model, source.width, source.connectivity, source.effective_budget) != (
+                cfg.model, cfg.width, cfg.connectivity, cfg.effective_budget):
             raise ConfigError(f"--reinit: the ticket {cfg.from_run} is a {source.model} at connectivity "
                               f"{source.connectivity} (budget {source.effective_budget}), this run a {cfg.model} at "
                               f"{cfg.connectivity} (budget {cfg.effective_budget})")
