@@ -169,6 +169,8 @@ def build_parser():
                    help="test images for the TFLM agreement, clean and PGD-20 transfer accuracy")
     p.add_argument("--out", default="results/micro", help="results directory (table.md, micro.png, runs/)")
     p.add_argument("--runs-dir", default="runs/micro", help="run directories")
+    p.add_argument("--threads", type=cli.positive(int), default=None,
+                   help="TensorFlow threads of each process (default: all cores)")
     p.add_argument("--dry-run", action="store_true", help="measure the widths that fit and print the plan only")
     cli.add_verbose(p)
     return p
@@ -186,7 +188,7 @@ def main(argv=None):
     out, runs_dir = pathlib.Path(args.out), pathlib.Path(args.runs_dir).resolve()
     from training.jobs import Manifest, execute
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "dry_run", "verbose")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "dry_run", "verbose", "threads")}
     manifest = Manifest(out / "manifest.json", settings)
     sizes = {int(k): v for k, v in manifest.data.get("flash_by_width", {}).items()}
     fits = {budget: widest_fitting(budget, sizes) for budget in budgets}
@@ -206,7 +208,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     manifest.save()
     with cli.exclusive(out, "--out"):
-        failed, stopped = execute(the_plan, runs_dir, out, manifest)
+        failed, stopped = execute(the_plan, runs_dir, out, manifest, threads=args.threads)
         if stopped:
             return 130
         reports = {}
