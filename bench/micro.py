@@ -73,7 +73,8 @@ def flash_bytes(width=1.0, granularity="weight", connectivity=1.0, input_shape=(
     for variable in plain.weights:  # positive, so BatchNorm variances stay valid
         variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype(variable.dtype))
     calib = rng.uniform(0, 1, (8, *input_shape)).astype(np.float32)
-    return len(micro.convert(plain, calib))
+    with cli.native_output(0):  # the converter's own log
+        return len(micro.convert(plain, calib))
 
 
 def widest_fitting(budget, sizes):
