@@ -336,3 +336,54 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
     eta_minutes = float(line.rsplit("≈", 1)[1].split()[0])
     rest = sum(spec.cost for spec in list(the_plan.runs.values())[1:])
     assert eta_minutes == pytest.approx(3000.0 / first.cost * rest / 60, rel=0.05)
+
+
+class _FakeRay:
+    """A two-node cluster whose second node mounts nothing of ours (or cannot import the project)."""
+
+    def __init__(self, broken="mount"):
+        self.broken = broken
+
+    def nodes(self):
+        return [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"},
+                {"Alive": True, "NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2"},
+                {"Alive": False, "NodeID": "c" * 56, "NodeManagerAddress": "10.0.0.3"}]
+
+    def remote(self, fn):
+        fake = self
+
+        class Remote:
+            def options(self, scheduling_strategy=None, **kwargs):
+                self.node = scheduling_strategy.node_id
+                return self
+
+            def remote(self, paths, token):
+                if self.node == "b" * 56 and fake.broken == "mount":
+                    return lambda: ("b", list(paths))
+                if self.node == "b" * 56 and fake.broken == "import":
+                    def fail():
+                        raise ModuleNotFoundError("No module named 'training'")
+                    return fail
+                return lambda: fn(paths, token)
+
+        return Remote()
+
+    def get(self, ref, timeout=None):
+        return ref()
+
+
+@pytest.mark.parametrize("broken,needle", [("mount", "cannot see"), ("import", "cannot run this project's tasks")])
+def test_ray_refuses_a_cluster_node_that_cannot_see_the_shared_directories(tmp_path, broken, needle):
+    pytest.importorskip("ray")
+    from bcs_run.cli import FlagError
+    from training.ray_jobs import check_shared
+
+    paths = [tmp_path / "runs", tmp_path / "out"]
+    for path in paths:
+        path.mkdir()
+    with pytest.raises(FlagError) as error:
+        check_shared(_FakeRay(broken), paths)
+    message = str(error.value)
+    assert "10.0.0.2" in message and needle in message and "10.0.0.1" not in message and "\n" not in message
+    assert not [p for path in paths for p in path.iterdir()]  # the check files are gone
+    check_shared(_FakeRay("none"), paths)  # every node sees both: no error
