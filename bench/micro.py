@@ -50,7 +50,7 @@ def parse_bytes(text):
 
 
 def _kb(n):
-    return f"{n / 1024:g} KB"
+    return f"{n / 1024:.4g} KB"
 
 
 def flash_bytes(width=1.0, granularity="weight", connectivity=1.0, input_shape=(28, 28, 1), num_classes=10):

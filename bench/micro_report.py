@@ -103,17 +103,11 @@ def write_report(the_plan, out, budgets, fits, sizes, block, key, arena_budget, 
 
 
 def _plot(points, path, budgets, block, the_plan):
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from bench.micro import FAMILIES, _kb
+    from training.report import pyplot, save_figure
 
     spec = next(iter(the_plan.runs.values())).flags
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4.6), sharex=True)
     for ax, (index, name) in zip(axes, ((1, "PGD-50"), (2, "AutoAttack"))):
         for (method, label), marker in zip(FAMILIES, "osd"):
             rows = [(p[0], list(p[index].values())) for p in points[method] if p[index]]
@@ -126,14 +120,14 @@ def _plot(points, path, budgets, block, the_plan):
         for budget in budgets:
             ax.axvline(budget / 1024, color="0.85", lw=0.8, zorder=0)
         ax.set_xscale("log", base=2)
+        ax.set_xticks([b / 1024 for b in budgets], [_kb(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("flash: int8 TFLM flatbuffer (KB, log scale)")
         ax.set_ylabel(f"{name} accuracy (%)")
         ax.set_title(name)
-    axes[0].legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=3, frameon=False)
-    fig.suptitle(f"small_cnn on {spec['dataset']}: {spec['objective']}, {spec['epochs']} epochs, ε = {spec['eps']}; "
-                 f"block granularity needs {_kb(block)} at any connectivity")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)  # off the data
+    fig.suptitle(f"small_cnn on {spec['dataset']}: {spec['objective']}, {spec['epochs']} epochs, ε = {spec['eps']}, "
+                 f"mean ± std over seeds; block granularity needs {_kb(block)} at any connectivity", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    save_figure(fig, path, layout=False)
