@@ -128,15 +128,17 @@ def make_plan(widths, key_width, args):
 def export_micro(rid, runs_dir, out, n_examples, verbose):
     """``python -m export RUN --format micro`` of a finished run, its report copied to ``out/runs/ID/micro.json``;
     skipped when that report is there already (a disagreement with Keras is measured, not refused). Returns the
-    report's entry, or None when the run is not here."""
+    report's entry, or None when neither the run nor its archive is here."""
     dest = out / "runs" / rid / "micro.json"
     if dest.is_file():
         return json.loads(dest.read_text())
     run = runs_dir / rid
-    if not RunDir(run).is_complete():
+    # the run directory, or (collected on another machine) its archived network in --out
+    source = run if RunDir(run).is_complete() else dest.parent if RunDir(dest.parent).archive.is_file() else None
+    if source is None:
         return None
     target = run / "export" / "micro" / "model_int8.tflite"
-    cmd = [sys.executable, "-m", "export", str(run), "--format", "micro", "--n-examples", str(n_examples),
+    cmd = [sys.executable, "-m", "export", str(source), "--format", "micro", "--n-examples", str(n_examples),
            "--max-zeroed", "1", "--allow-mismatch", "--overwrite", "--out", str(target), "--verbose", "0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
