@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import uuid
 
 from bcs_run import cli
@@ -114,11 +115,15 @@ def start(address=None):
     ray = _ray()
     env = {"env_vars": {"PYTHONPATH": str(jobs.ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}}
     kwargs = {"address": address} if address else {"num_cpus": os.cpu_count(), "include_dashboard": False}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(runtime_env=env, log_to_driver=False, logging_level="ERROR", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise cli.FlagError(f"--address: cannot connect to the Ray cluster at {address} "
                             f"({str(exc).splitlines()[0][:200]})") from None
+    finally:  # Ray installs its own; ours stop the tasks, record their runs as stopped and end the cluster
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return ray
 
 
@@ -197,8 +202,8 @@ def _execute(ray, the_plan, runs_dir, out, manifest, collected, threads):
         for ref, spec in pending.items():
             ray.cancel(ref, force=True)
             merge(spec, remove=True)
-            if manifest.entry(spec.id).get("status") == "running":
-                manifest.record(spec.id, status="stopped")
+            if manifest.entry(spec.id).get("status") == "running":  # stopped on purpose, not killed
+                manifest.record(spec.id, status="stopped", process_started_at=None)
         print("stopped: the same command goes on from here (a stopped run resumes from its last checkpoint)")
         return failed, True
     return failed, False
