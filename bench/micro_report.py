@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 
 from bcs_run.rundir import atomic_write
-from training.claims import paired, verdict
-from training.tables import Results
 
 PAIRS = (("bcs", "dense", "BCS channels − dense, narrower"), ("random", "dense", "Random channels − dense, narrower"),
          ("bcs", "random", "BCS channels − Random channels"))
@@ -41,6 +39,8 @@ def _tflm(reports, rids, path):
 def write_report(the_plan, out, budgets, fits, sizes, block, key, arena_budget, reports):
     """Write ``table.md`` and ``micro.png`` into ``out``; returns their paths."""
     from bench.micro import FAMILIES, WIDTH_STEPS, _kb
+    from training.claims import paired, verdict  # the one home of the paired statistics
+    from training.tables import Results
 
     results = Results(the_plan, out / "runs")
     spec = next(iter(the_plan.runs.values())).flags
