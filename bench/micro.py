@@ -125,7 +125,7 @@ def make_plan(widths, key_width, args):
     return MicroPlan(runs, {"eval_examples": args.eval_examples, "aa_examples": args.aa_examples})
 
 
-def export_micro(rid, runs_dir, out, n_examples, verbose):
+def export_micro(rid, runs_dir, out, n_examples):
     """``python -m export RUN --format micro`` of a finished run, its report copied to ``out/runs/ID/micro.json``;
     skipped when that report is there already (a disagreement with Keras is measured, not refused). Returns the
     report's entry, or None when neither the run nor its archive is here."""
@@ -217,7 +217,7 @@ def main(argv=None):
         reports = {}
         for rid in the_plan.runs:
             if rid not in failed:
-                reports[rid] = export_micro(rid, runs_dir, out, args.export_examples, args.verbose)
+                reports[rid] = export_micro(rid, runs_dir, out, args.export_examples)
         from bench.micro_report import write_report
 
         written = write_report(the_plan, out, budgets, fits, sizes, block, key, arena_budget, reports)

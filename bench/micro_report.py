@@ -17,12 +17,9 @@ def _group(method, width, steps):
 
 
 def _stat(values, scale=100.0, digits=1):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    values = np.asarray(values, dtype=float) * scale
-    return f"{values.mean():.{digits}f}" if len(values) == 1 else \
-        f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    from training.tables import mean_std
+
+    return mean_std([scale * v for v in values if v is not None], digits)
 
 
 def _tflm(reports, rids, path):

@@ -273,9 +273,9 @@ class Worker:
         machines = entry.get("machines", [])
         if state == "resume":
             _wait_unlocked(self.runs_dir / rid)
-        if entry.get("process_started_at") is not None and state == "resume":
-            # a training process died with its supervisor (a killed Ray worker, a driver killed outright): lost time
-            _count_killed(progress, rid, entry.get("process_seconds", 0.0) - entry["process_started_at"])
+            if entry.get("process_started_at") is not None:
+                # a training process died with its supervisor (a killed Ray worker, a driver killed outright)
+                _count_killed(progress, rid, entry.get("process_seconds", 0.0) - entry["process_started_at"])
         if state == "train" and entry.get("process_seconds"):
             # an earlier process's checkpoint is gone: its time is set apart, not counted as this run's cost
             progress.record(rid, process_seconds=0.0, discarded_seconds=entry.get("discarded_seconds", 0.0)

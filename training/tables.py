@@ -59,10 +59,7 @@ class Results:
 
     def cell(self, group, attack):
         """``mean`` or ``mean ± std`` in %, or ``—``."""
-        values = np.asarray(list(self.by_seed(group, attack).values()))
-        if not len(values):
-            return "—"
-        return f"{values.mean():.1f}" if len(values) == 1 else f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+        return mean_std(list(self.by_seed(group, attack).values()))
 
     def mean(self, group, attack):
         values = list(self.by_seed(group, attack).values())
@@ -99,6 +96,15 @@ class Results:
                 budget = report["config"].get("effective_budget", report["config"].get("budget"))
                 return "HYDRA" if budget == "layer" else "HYDRA (global k)"
         return "HYDRA"
+
+
+def mean_std(values, digits=1):
+    """``mean`` of one value, ``mean ± std`` (sample std) of several, ``—`` of none."""
+    values = np.asarray(values, dtype=float)
+    if not len(values):
+        return "—"
+    return f"{values.mean():.{digits}f}" if len(values) == 1 else \
+        f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 def group_of(rid):
