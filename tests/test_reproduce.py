@@ -273,6 +273,95 @@ def test_a_local_ray_cluster_stops_on_sigterm_retries_a_killed_worker_and_gives_
         (runs / "at" / "fixed_c0.01_s0.log").stat().st_ctime
 
 
+def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, monkeypatch):
+    from training import jobs
+    from training.plan import plan as make_plan
+
+    the_plan = make_plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
+    spec = next(iter(the_plan.runs.values()))
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    calls = []
+
+    def killed_once(cmd, log, tick=None, threads=None):
+        calls.append(cmd)
+        (runs / spec.id).mkdir(parents=True, exist_ok=True)
+        (runs / spec.id / "config.json").write_text("{}")  # the killed process had started its run
+        return subprocess.CompletedProcess(cmd, -9 if len(calls) == 1 else 0)
+
+    monkeypatch.setattr(jobs, "_call", killed_once)
+    worker = jobs.Worker(the_plan, runs, out, manifest, {spec.id: "train"}, threads=1)
+    assert worker._train(spec, "train", ["python", "-m", "training.run"]) is not None
+    assert "--resume" not in calls[0] and calls[1][-1] == "--resume"
+    entry = manifest.data["runs"][spec.id]
+    assert entry["killed_processes"] == 1 and entry["killed_process_seconds"] >= 0 and entry["status"] == "running"
+
+    calls.clear()
+    monkeypatch.setattr(jobs, "_call", lambda cmd, log, tick=None, threads=None: subprocess.CompletedProcess(cmd, 1))
+    assert worker._train(spec, "resume", ["python", "-m", "training.run"]) is None  # an error is not retried
+    assert manifest.data["runs"][spec.id]["status"] == "failed"
+
+
+def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots(tmp_path):
+    from training import jobs
+    from training.plan import RunSpec, train_command
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    dense = RunSpec("at/dense_s0", {"method": "dense", "epochs": 1})
+    fixed = RunSpec("at/fixed_s0", {"method": "fixed", "epochs": 1, "from": dense.id}, (dense.id,))
+    rewound = RunSpec("at/lottery_s0", {"method": "lottery", "epochs": 1, "from": dense.id}, (dense.id,))
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    manifest.record(dense.id, status="finished")
+    (out / "runs" / dense.id).mkdir(parents=True)
+    (out / "runs" / dense.id / "metrics.json").write_text("{}")
+    (out / "runs" / dense.id / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in dense.attacks}}))
+    assert jobs.run_states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
+    assert jobs.run_states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
+    archived = {dense.id: out / "runs" / dense.id}
+    assert str(out / "runs" / dense.id) in train_command(fixed, runs, archived)
+    assert str(runs / dense.id) in train_command(fixed, runs)
+
+
+@pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),
+                                         (["--executor", "ray", "--jobs", "2"], "--jobs"),
+                                         (["--address", "auto"], "--address"),
+                                         (["--dataset", "mnist"], "--dataset")])
+def test_bad_reproduce_flags_give_one_line(tmp_path, capsys, argv, needle):
+    assert main(argv + ["--out", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path, monkeypatch, capsys):
+    from training import jobs
+
+    the_plan = plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
+    first, second = list(the_plan.runs.values())[:2]
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    (runs / first.id).mkdir(parents=True)
+    (runs / first.id / "config.json").write_text("{}")  # a stopped run: resumed
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    manifest.record(first.id, status="stopped", process_seconds=3000.0)
+
+    def finish_instantly(cmd, log, tick=None, threads=None):  # the resumed process ends at once: all its cost came before
+        run_dir = pathlib.Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else pathlib.Path(cmd[3])
+        if run_dir.name != pathlib.Path(first.id).name:
+            raise KeyboardInterrupt  # stop once the second run's ETA is printed
+        (run_dir / "metrics.json").write_text(json.dumps({"train_seconds": 3000.0, "wall_seconds": 1.0}))
+        (run_dir / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in first.attacks}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(jobs, "_call", finish_instantly)
+    monkeypatch.setattr(jobs, "collect", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        jobs._execute(the_plan, runs, out, manifest, False, [], collected=None)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[2/"))
+    eta_minutes = float(line.rsplit("≈", 1)[1].split()[0])
+    rest = sum(spec.cost for spec in list(the_plan.runs.values())[1:])
+    assert eta_minutes == pytest.approx(3000.0 / first.cost * rest / 60, rel=0.05)
+
+
 class _FakeRay:
     """A two-node cluster whose second node mounts nothing of ours (or cannot import the project)."""
 
