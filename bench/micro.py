@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 from bcs_run import cli
@@ -125,10 +123,12 @@ def make_plan(widths, key_width, args):
     return MicroPlan(runs, {"eval_examples": args.eval_examples, "aa_examples": args.aa_examples})
 
 
-def export_micro(rid, runs_dir, out, n_examples):
-    """``python -m export RUN --format micro`` of a finished run, its report copied to ``out/runs/ID/micro.json``;
-    skipped when that report is there already (a disagreement with Keras is measured, not refused). Returns the
-    report's entry, or None when neither the run nor its archive is here."""
+def export_micro(rid, runs_dir, out, n_examples, threads=None):
+    """``python -m export RUN --format micro`` of a finished run (its output appended to the run's log), its report
+    copied to ``out/runs/ID/micro.json``; skipped when that report is there already (a disagreement with Keras is
+    measured, not refused). Returns the report's entry, or None when neither the run nor its archive is here."""
+    from training.jobs import call
+
     dest = out / "runs" / rid / "micro.json"
     if dest.is_file():
         return json.loads(dest.read_text())
@@ -138,12 +138,12 @@ def export_micro(rid, runs_dir, out, n_examples):
     if source is None:
         return None
     target = run / "export" / "micro" / "model_int8.tflite"
+    log = runs_dir / f"{rid}.log"
     cmd = [sys.executable, "-m", "export", str(source), "--format", "micro", "--n-examples", str(n_examples),
            "--max-zeroed", "1", "--allow-mismatch", "--overwrite", "--out", str(target), "--verbose", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise cli.FlagError(f"the micro export of {rid} failed: {(result.stderr or result.stdout).strip()[-300:]}")
+    if call(cmd, log, threads=threads).returncode != 0:
+        last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
+        raise cli.FlagError(f"the micro export of {rid} failed: {' '.join(last)[-300:]} (log: {log})")
     entry = json.loads((target.parent / "export_report.json").read_text())[target.name]
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dest, json.dumps(entry, indent=1))
@@ -210,17 +210,28 @@ def main(argv=None):
         return 0
     out.mkdir(parents=True, exist_ok=True)
     manifest.save()
-    with cli.exclusive(out, "--out"):
-        failed, stopped = execute(the_plan, runs_dir, out, manifest, threads=args.threads)
-        if stopped:
-            return 130
+    from bench.micro_report import write_report
+
+    def report(strict=False):
+        """Export every collected run not exported yet and rewrite the table and plot. Called after each run too, so
+        a partial benchmark (killed, or still going) leaves readable results; there (not ``strict``) a failed
+        export is printed and left out, and training goes on."""
         reports = {}
         for rid in the_plan.runs:
-            if rid not in failed:
-                reports[rid] = export_micro(rid, runs_dir, out, args.export_examples)
-        from bench.micro_report import write_report
+            if manifest.data["runs"].get(rid, {}).get("status") == "finished":
+                try:
+                    reports[rid] = export_micro(rid, runs_dir, out, args.export_examples, args.threads)
+                except cli.FlagError as error:
+                    if strict:
+                        raise
+                    print(f"    {error}", flush=True)
+        return write_report(the_plan, out, budgets, fits, sizes, block, key, arena_budget, reports)
 
-        written = write_report(the_plan, out, budgets, fits, sizes, block, key, arena_budget, reports)
+    with cli.exclusive(out, "--out"):
+        failed, stopped = execute(the_plan, runs_dir, out, manifest, collected=report, threads=args.threads)
+        if stopped:
+            return 130
+        written = report(strict=True)
     print(f"wrote {', '.join(str(p) for p in written)}" + (f"; {len(failed)} run(s) failed" if failed else ""))
     return 1 if failed else 0
 

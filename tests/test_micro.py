@@ -121,14 +121,18 @@ def test_int8_refuses_when_too_many_trained_connections_would_vanish(tmp_path, c
 
 
 @pytest.mark.slow
-def test_the_budget_benchmark_fits_widths_to_flash_and_compares_the_families_on_tflm(tmp_path, capsys):
+def test_the_budget_benchmark_fits_widths_to_flash_and_compares_the_families_on_tflm(tmp_path, capsys, monkeypatch):
+    from bench import micro_report
     from bench.micro import main as bench_main
 
     out = tmp_path / "micro"
     flags = ["--dataset", "synthetic", "--flash", "8k,16k", "--key", "16k", "--seeds", "2", "--epochs", "1",
              "--max-steps", "2", "--val-split", "128", "--eval-examples", "32", "--aa-examples", "0",
              "--export-examples", "32", "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--verbose", "0"]
+    exported, write = [], micro_report.write_report
+    monkeypatch.setattr(micro_report, "write_report", lambda *a: exported.append(len(a[-1])) or write(*a))
     assert bench_main(flags) == 0, capsys.readouterr()
+    assert exported == [*range(1, 10), 9]  # exported and tabled as each run is collected, then once at the end
     manifest = json.loads((out / "manifest.json").read_text())
     fits = {int(budget): width for budget, width in manifest["fits"].items()}
     assert fits[8192] < fits[16384]

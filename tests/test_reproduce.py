@@ -289,7 +289,7 @@ def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, mo
         (runs / spec.id / "config.json").write_text("{}")  # the killed process had started its run
         return subprocess.CompletedProcess(cmd, -9 if len(calls) == 1 else 0)
 
-    monkeypatch.setattr(jobs, "_call", killed_once)
+    monkeypatch.setattr(jobs, "call", killed_once)
     worker = jobs.Worker(the_plan, runs, out, manifest, {spec.id: "train"}, threads=1)
     assert worker._train(spec, "train", ["python", "-m", "training.run"]) is not None
     assert "--resume" not in calls[0] and calls[1][-1] == "--resume"
@@ -297,7 +297,7 @@ def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, mo
     assert entry["killed_processes"] == 1 and entry["killed_process_seconds"] >= 0 and entry["status"] == "running"
 
     calls.clear()
-    monkeypatch.setattr(jobs, "_call", lambda cmd, log, tick=None, threads=None: subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(jobs, "call", lambda cmd, log, tick=None, threads=None: subprocess.CompletedProcess(cmd, 1))
     assert worker._train(spec, "resume", ["python", "-m", "training.run"]) is None  # an error is not retried
     assert manifest.data["runs"][spec.id]["status"] == "failed"
 
@@ -352,7 +352,7 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
         (run_dir / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in first.attacks}}))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(jobs, "_call", finish_instantly)
+    monkeypatch.setattr(jobs, "call", finish_instantly)
     monkeypatch.setattr(jobs, "collect", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
         jobs._execute(the_plan, runs, out, manifest, False, [], collected=None)

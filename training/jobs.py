@@ -99,8 +99,8 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _call(cmd, log, tick=None, threads=None):
-    """Run ``cmd`` with its output appended to ``log``; while it runs, ``tick(seconds so far)`` is called every
+def call(cmd, log, tick=None, threads=None):
+    """Run ``cmd`` (a child of this driver: killed when it stops) with its output appended to ``log``; while it runs, ``tick(seconds so far)`` is called every
     :data:`HEARTBEAT_SECONDS`, so a run's time survives this process being killed outright (SIGKILL).
     ``threads``: TensorFlow's intra- and inter-op threads (and OpenMP's) in the child."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
@@ -289,7 +289,7 @@ class Worker:
             # set while the process runs: a supervisor killed with it leaves it, and the next attempt counts the loss
             progress.record(rid, process_started_at=spent)
             try:
-                result = _call(train_cmd + (["--resume"] if resume else []), self.runs_dir / f"{rid}.log",
+                result = call(train_cmd + (["--resume"] if resume else []), self.runs_dir / f"{rid}.log",
                                tick=lambda seconds: progress.record(rid, process_seconds=spent + seconds),
                                threads=self.threads)
             except _Stopped:
@@ -408,12 +408,12 @@ def _evaluate(spec, runs_dir, progress, evals, threads=None):
     t0, spent = time.time(), progress.entry(spec.id).get("eval_seconds", 0.0)
     try:
         for name, cmd in evals.items():
-            result = _call(cmd, log, threads=threads)
+            result = call(cmd, log, threads=threads)
             if result.returncode not in (0, 3):  # 3 = order-check warning, reported in the report itself
                 print(f"    evaluation {name} failed (exit {result.returncode}); see {log}")
                 return False
         if not RunDir(runs_dir / spec.id).archive.is_file():
-            result = _call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log,
+            result = call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log,
                            threads=threads)
             if result.returncode != 0:
                 print(f"    archiving the network failed (exit {result.returncode}); see {log}")
