@@ -7,7 +7,10 @@ a flat index, θ and the sign (int8); every other variable is stored whole. Load
 γ to +1; both enter the network only through γ·max(0, θ) = 0, so the loaded network computes exactly what the
 saved one did (same kernels, same BatchNorm, same logits). What is not kept is what only training would read
 again: the negative values of dormant θ and the optimizer state (a run's ``checkpoint/`` keeps those).
-A 99%-sparse small_cnn takes ≈ 33 KB instead of the 1.8 MB of its ``model.keras``.
+A 99%-sparse small_cnn takes ≈ 33 KB instead of the 1.8 MB of its ``model.keras``. In a channel-granular
+network, the weights of dormant channels (the producing kernel's outputs, their BatchNorm entries, the next
+layer's inputs) are stored as zeros for the same reason: the gate's 0 means nothing reads them, and zeros
+compress to nothing, so the file is about the size of the compacted network's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import keras
 import numpy as np
 
 from bcs_tf.checkpoint import replace_atomically
-from bcs_tf.errors import CheckpointError
+from bcs_tf.compact import dormant_channels_blanked, has_channel_gates
+from bcs_tf.errors import CheckpointError, ConfigError
 from bcs_tf.layers import sparse_layers
 
 FORMAT = 1
@@ -41,11 +45,17 @@ def save_archive(model, path, meta=None):
     """Write ``model`` (and the JSON-serialisable ``meta``) to ``path`` atomically; returns its size in bytes."""
     path = pathlib.Path(path)
     roles = _sparse_roles(model)
+    blanked = {}
+    if has_channel_gates(model):
+        try:
+            blanked = dormant_channels_blanked(model)
+        except ConfigError:  # a network that cannot be compacted is stored whole
+            pass
     arrays = {"format": np.array(FORMAT), "architecture": np.frombuffer(model.to_json().encode(), np.uint8),
               "meta": np.frombuffer(json.dumps(meta or {}).encode(), np.uint8),
               "paths": np.frombuffer(json.dumps([v.path for v in model.weights]).encode(), np.uint8)}
     for i, variable in enumerate(model.weights):
-        value = keras.ops.convert_to_numpy(variable)
+        value = blanked[id(variable)] if id(variable) in blanked else keras.ops.convert_to_numpy(variable)
         role, theta, j = roles.get(id(variable), (None, None, None))
         if role is None:
             arrays[f"v{i}"] = value

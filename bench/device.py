@@ -98,7 +98,7 @@ def files(run_dir, quantizes, onnx):
     are ("sparse", "dense"), or for a channel-granular run ("compact", "full width")."""
     from bcs_tf.data import load_dataset
     from export import onnx_export, tflite, tflite_sparse
-    from export.compact import compact_channels, has_channel_gates
+    from bcs_tf.compact import compact_channels, has_channel_gates
     from export.strip import strip_model
     from bcs_run.config import load_finished_run
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from bcs_tf.layers import SparseConv2D, SparseDense, SparseKernelMixin, sparse_layers
-from export.compact import compact_channels, has_channel_gates
+from bcs_tf.compact import compact_channels, has_channel_gates
 
 
 def _plain_layer(layer):

@@ -40,6 +40,25 @@ def test_a_99_percent_sparse_small_cnn_archives_in_under_100_kb_and_loads_exactl
     np.testing.assert_array_equal(np.asarray(net(x)), np.asarray(loaded(x)))
 
 
+def test_a_channel_granular_network_archives_about_as_small_as_its_compacted_twin_and_loads_exactly(tmp_path):
+    def randomise(net):  # trained-looking weights everywhere, dormant channels included (they do not compress)
+        rng = np.random.default_rng(1)
+        for v in net.weights:
+            if "theta" not in v.path and "sign" not in v.path:
+                v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32"))
+        return net
+
+    gated, _ = build_model("small_cnn", "bcs", 11 / 32, input_shape=(28, 28, 1), seed=3, granularity="channel",
+                           budget="layer")
+    narrow, _ = build_model("small_cnn", "dense", 1.0, input_shape=(28, 28, 1), width=11 / 32)
+    gated_size = save_archive(randomise(gated), tmp_path / "gated.npz")
+    narrow_size = save_archive(randomise(narrow), tmp_path / "narrow.npz")
+    assert gated_size < 1.5 * narrow_size  # the full-width weights stored whole would take ≈ 8× the narrow ones
+    _, loaded = load_archive(tmp_path / "gated.npz")
+    x = np.random.default_rng(0).uniform(0, 1, (16, 28, 28, 1)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(gated(x)), np.asarray(loaded(x)))
+
+
 def test_the_archive_of_a_run_gives_the_logits_of_its_model_keras_and_is_evaluated_and_exported(sparse_run,
                                                                                                  tmp_path):
     assert (sparse_run / "COMPLETE").is_file()  # training.run's last write

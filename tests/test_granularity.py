@@ -157,7 +157,7 @@ def test_block_run_reports_blocks_and_exports_fc_without_densify(block_run):
 def _compacted_sizes(budget, steps=12):
     """small_cnn at 30% of its channels under ``budget``, trained ``steps`` natural steps hot enough that
     channels die and come back: (per-layer counts and compacted parameters after each step, channels that died)."""
-    from export.compact import compact_channels
+    from bcs_tf.compact import compact_channels
 
     net, alloc = build_model("small_cnn", "bcs", 0.3, budget=budget, granularity="channel")
     trainer = RobustTrainer(net, make_objective("natural"), AttackConfig(0.1, 0.05, 2), allocation=alloc,
@@ -208,7 +208,7 @@ def test_granularity_is_refused_where_it_is_not_built(tmp_path, capsys):
 
 
 def test_full_width_twin_of_a_channel_network_keeps_every_channel_and_the_outputs():
-    from export.compact import compact_channels
+    from bcs_tf.compact import compact_channels
 
     net, _ = build_model("small_cnn", "bcs", 0.3, granularity="channel")
     full = compact_channels(net, keep_all=True)

@@ -6,7 +6,8 @@ output c, the normalisation's statistics of c and the next layer's input c (ever
 Flatten) are cut out. An active gate's factor γ_c·max(0, θ_c) is folded into the BatchNormalization before it
 (γ·BN(x) = BN with scale γ·g and offset γ·b), or into the producing kernel and bias when there is none; the
 gate itself becomes an Identity, which the converters drop. Only chain networks (each layer feeding the next,
-no residual additions) are compacted; the model zoo marks which ones are.
+no residual additions) are compacted; the model zoo marks which ones are. The archive (bcs_tf.archive) uses the
+same plan at full width: it stores the weights of dormant channels as zeros, which cost nothing compressed.
 """
 
 from __future__ import annotations
@@ -117,6 +118,38 @@ def _weights(layer, entry):
     if factor is not None:
         kernel, rest = kernel * factor, [v * factor for v in rest]
     return [kernel] + rest
+
+
+def _blank(value, keep, axis, fill):
+    if keep is None:
+        return value
+    dormant = np.setdiff1d(np.arange(value.shape[axis]), keep)
+    index = [slice(None)] * value.ndim
+    index[axis] = dormant
+    value[tuple(index)] = fill
+    return value
+
+
+def dormant_channels_blanked(net):
+    """``{id(variable): value}`` for the variables of channel-granular ``net`` that hold dormant channels, with
+    those channels' entries blanked (0; 1 for a moving variance). A dormant gate multiplies its channel by 0 and
+    the next layer then reads exact zeros, so the network with these values computes exactly what ``net`` does
+    (same logits, bit for bit). ConfigError for a network that cannot be compacted (see :func:`plan`)."""
+    blanked = {}
+    for name, (src_in, out, _) in plan(net).items():
+        layer = net.get_layer(name)
+        for variable in layer.weights:
+            value = np.array(keras.ops.convert_to_numpy(variable))
+            if isinstance(layer, keras.layers.BatchNormalization):
+                value = _blank(value, src_in, 0, 1.0 if "moving_variance" in variable.path else 0.0)
+            elif isinstance(layer, keras.layers.DepthwiseConv2D):
+                value = _blank(value, src_in, 2 if value.ndim == 4 else 0, 0.0)
+            elif value.ndim > 1:  # a producer's kernel: [..., inputs, outputs]
+                value = _blank(_blank(value, src_in, value.ndim - 2, 0.0), out, value.ndim - 1, 0.0)
+            else:  # its bias
+                value = _blank(value, out, 0, 0.0)
+            blanked[id(variable)] = value
+    return blanked
 
 
 def compact_channels(net, keep_all=False):
