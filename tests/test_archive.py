@@ -76,6 +76,11 @@ def test_the_archive_of_a_run_gives_the_logits_of_its_model_keras_and_is_evaluat
     report = json.loads((collected / "eval.json").read_text())
     assert set(report["attacks"]) == {"clean", "pgd2"}
     assert export_main([str(collected), "--format", "keras", "--n-examples", "32", "--verbose", "0"]) == 0
+    # an archive alone is rewritten from itself only when asked, and still computes the same logits
+    assert archive_main([str(collected), "--verbose", "0"]) == 2
+    assert archive_main([str(collected), "--overwrite", "--verbose", "0"]) == 0
+    _, rewritten = load_archive(collected / "network.npz")
+    np.testing.assert_array_equal(np.asarray(original(data.x_test[:64])), np.asarray(rewritten(data.x_test[:64])))
 
 
 def test_a_damaged_archive_is_a_one_line_error(sparse_run, tmp_path, capsys):

@@ -3,7 +3,9 @@
 Writes ``RUN_DIR/network.npz`` (bcs_tf.archive: the architecture, the run's config and every variable, sparse
 kernels as indices and values; ≈ 45 KB for a 99%-sparse small_cnn). ``training.evaluate`` and ``export`` accept a
 directory that holds only it, so a results directory can keep every network behind its numbers and any cell
-can be attacked again without retraining; ``training.reproduce`` archives each run it collects.
+can be attacked again without retraining; ``training.reproduce`` archives each run it collects. Given such a
+directory and ``--overwrite``, it rewrites the archive from itself in today's form (e.g. an older channel-granular
+archive that stored its dormant channels' weights).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from bcs_run.rundir import RunDir
 def build_parser():
     """The ``training.archive`` parser."""
     p = cli.parser("python -m training.archive", __doc__)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run` (or one "
+                   "holding only its network.npz)")
     p.add_argument("--out", metavar="FILE", default=None, help="archive path (default: RUN_DIR/network.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing archive")
     cli.add_verbose(p)
@@ -30,8 +33,8 @@ def main(argv=None):
     """CLI entry point."""
     args = build_parser().parse_args(argv)
     run_dir = pathlib.Path(args.run_dir)
-    if not RunDir(run_dir).model.is_file():
-        raise cli.FlagError(f"{run_dir} has no model.keras (is it a finished `training.run` output?)")
+    if RunDir(run_dir).network() is None:
+        raise cli.FlagError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` output?)")
     out = pathlib.Path(args.out) if args.out else RunDir(run_dir).archive
     if out.exists() and not args.overwrite:
         raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
