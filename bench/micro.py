@@ -191,7 +191,9 @@ def main(argv=None):
     out, runs_dir = pathlib.Path(args.out), pathlib.Path(args.runs_dir).resolve()
     from training.jobs import Manifest, execute
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir", "dry_run", "verbose", "threads")}
+    # seeds only name runs (their ids carry the seed), so more seeds later add runs to the same results directory
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("out", "runs_dir", "dry_run", "verbose", "threads", "seeds", "other_seeds")}
     manifest = Manifest(out / "manifest.json", settings)
     sizes = {int(k): v for k, v in manifest.data.get("flash_by_width", {}).items()}
     fits = {budget: widest_fitting(budget, sizes) for budget in budgets}

@@ -155,3 +155,8 @@ def test_the_budget_benchmark_fits_widths_to_flash_and_compares_the_families_on_
     mtimes = {p: p.stat().st_mtime for p in reports}
     assert bench_main(flags) == 0
     assert mtimes == {p: p.stat().st_mtime for p in reports}
+    # a third seed at the key budget later: only its three runs are trained, and the paired rows read 3 seeds
+    assert bench_main([*flags, "--seeds", "3"]) == 0
+    assert len(sorted((out / "runs").glob("*/micro.json"))) == 3 * (3 + 1)
+    assert mtimes == {p: p.stat().st_mtime for p in reports}
+    assert "| BCS channels − dense, narrower | clean | 3 |" in (out / "table.md").read_text()
