@@ -73,7 +73,7 @@ def test_the_op_resolver_holds_exactly_the_ops_litert_runs(micro_export):
     ran = {op["op_name"] for op in interpreter._get_ops_details()}  # an independent reading of the graph
     assert set(report["micro"]["ops"]) == ran and "SHAPE" not in ran  # batch 1: no dynamic-shape ops
     header = (folder / "model_ops.h").read_text()
-    assert f"MicroMutableOpResolver<kModelOpCount>" in header and f"kModelOpCount = {len(ran)};" in header
+    assert "MicroMutableOpResolver<kModelOpCount>" in header and f"kModelOpCount = {len(ran)};" in header
     for op in ran:
         assert f"resolver.{resolver_method(op)}()" in header
     assert resolver_method("CONV_2D") == "AddConv2D" and resolver_method("FULLY_CONNECTED") == "AddFullyConnected"
