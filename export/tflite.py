@@ -15,7 +15,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 from bcs_tf._keras_compat import set_per_tensor_int8
 from bcs_tf.errors import ConfigError
 from export.options import QUANTIZE
-from export.tflite_sparse import compact, kernel_nonzeros
+from export.tflite_sparse import compact
 RESOLVERS = {"default": OpResolverType.AUTO, "reference": OpResolverType.BUILTIN_REF}
 
 
