@@ -159,7 +159,6 @@ def test_two_workers_split_each_batch_agree_and_match_one_device(tmp_path):
 
 
 def test_the_cli_trains_on_two_local_workers(tmp_path):
-
     flags = ["--dataset", "synthetic", "--val-split", "64", "--max-steps", "4", "--epochs", "2", "--attack-steps",
              "2", "--eval-steps", "2", "--connectivity", "0.05", "--strategy", "multiworker", "--verbose", "0",
              "--no-report"]
