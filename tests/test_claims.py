@@ -56,3 +56,13 @@ def test_claims_md_lists_the_measured_claim_with_its_runs_and_epochs(tmp_path):
     assert "at/bcs_c0.01 (5) − at/fixed_c0.01 (10)" in row and row.rstrip(" |").endswith("held")
     written = write_tables(("bcs",), the_plan, tmp_path)
     assert tmp_path / "claims.md" in written
+
+
+def test_a_cell_with_only_some_of_its_seeds_says_how_many(tmp_path):
+    the_plan, results = _results(tmp_path, [72.0, 73.0], [70.0, 71.0, 70.2])
+    assert results.cell("at/bcs_c0.01", "pgd50") == "72.5 ± 0.7 [2 of 3 seeds]"
+    assert results.triple("at/bcs_c0.01") == "80.0 ± 0.0 / 72.5 ± 0.7 [2 of 3 seeds]"
+    assert results.triple("at/fixed_c0.01") == "80.0 ± 0.0 / 70.4 ± 0.5"
+    write_tables(("bcs",), the_plan, tmp_path)
+    table = (tmp_path / "table_bcs.md").read_text()
+    assert "72.5 ± 0.7 [2 of 3 seeds] (5)" in table and "70.4 ± 0.5 (10)" in table

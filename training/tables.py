@@ -58,18 +58,29 @@ class Results:
         return values
 
     def cell(self, group, attack):
-        """``mean`` or ``mean ± std`` in %, or ``—``."""
-        return mean_std(list(self.by_seed(group, attack).values()))
+        """``mean`` or ``mean ± std`` in %, or ``—``; ``[n of N seeds]`` after it while only n of the group's N
+        planned seeds have the value (a partial mean is not read as the final one)."""
+        values = list(self.by_seed(group, attack).values())
+        return mean_std(values) + self.partial(group, len(values))
+
+    def partial(self, group, n):
+        """`` [n of N seeds]`` when 0 < n < the N seeds planned for ``group``, else ``""``."""
+        planned = len(self.groups.get(group, []))
+        return f" [{n} of {planned} seeds]" if 0 < n < planned else ""
 
     def mean(self, group, attack):
         values = list(self.by_seed(group, attack).values())
         return float(np.mean(values)) if values else None
 
     def triple(self, group):
-        """``clean / PGD-50 / AA`` (AA left out where it was not run)."""
-        cells = [self.cell(group, "clean"), self.cell(group, "pgd50")]
-        aa = self.cell(group, "autoattack")
-        return " / ".join(cells + ([aa] if aa != "—" else []))
+        """``clean / PGD-50 / AA`` (AA left out where it was not run); a partial seed count once at the end when
+        the three have the same, else after each value."""
+        attacks = ["clean", "pgd50"] + (["autoattack"] if self.by_seed(group, "autoattack") else [])
+        counts = {len(self.by_seed(group, a)) for a in attacks}
+        if len(counts) == 1:
+            return " / ".join(mean_std(list(self.by_seed(group, a).values())) for a in attacks) + \
+                self.partial(group, counts.pop())
+        return " / ".join(self.cell(group, a) for a in attacks)
 
     def n_examples(self, name="eval"):
         for rid in self.plan.runs:
@@ -120,7 +131,7 @@ def _header(results, title):
           if n_aa else "")
     return [f"# {title}", "",
             f"{results.plan.dataset}, small_cnn, L∞ ε = {p['eps']}, training attack PGD-10; {seeds} seed(s) "
-            f"(mean ± std); accuracies in % on the first {n if n else '?'} test images; robust = PGD-50 (step "
+            f"(mean ± std; a cell that has only some of them so far says so: [n of {seeds} seeds]); accuracies in % on the first {n if n else '?'} test images; robust = PGD-50 (step "
             f"2.5ε/50, random start){aa}. Made by `python -m training.reproduce` (manifest.json has every "
             "command); claims.md compares them seed by seed.", ""]
 
