@@ -136,6 +136,14 @@ def check_writable(path, flag):
         raise FlagError(f"{flag}: cannot write {path}: {directory} is not writable")
 
 
+def refuse_existing(paths, overwrite, flag="--out"):
+    """Raise FlagError naming the first of ``paths`` that exists unless ``overwrite``: nothing the user already has
+    is replaced without being asked."""
+    for path in [paths] if isinstance(paths, (str, pathlib.Path)) else paths:
+        if pathlib.Path(path).exists() and not overwrite:
+            raise FlagError(f"{flag}: {path} exists; pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def exclusive(directory, flag):
     """Hold an exclusive lock on the existing ``directory`` inside the block, so that two bcs-tf commands never

@@ -69,9 +69,7 @@ def parse_args(argv=None):
                             "output or an archived run of a results directory?)")
     out = pathlib.Path(args.out) if args.out else default_out(args.run_dir, args.format, args.quantize)
     taken = [out] + ([out.parent / name for name in MICRO_FILES] if args.format == "micro" else [])
-    for path in taken:
-        if path.exists() and not args.overwrite:
-            raise cli.FlagError(f"--out: {path} exists; pass --overwrite to replace it")
+    cli.refuse_existing(taken, args.overwrite)
     return args
 
 

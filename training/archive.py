@@ -36,8 +36,7 @@ def main(argv=None):
     if RunDir(run_dir).network() is None:
         raise cli.FlagError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` output?)")
     out = pathlib.Path(args.out) if args.out else RunDir(run_dir).archive
-    if out.exists() and not args.overwrite:
-        raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
+    cli.refuse_existing(out, args.overwrite)
     cli.import_tensorflow(args.verbose)
     import keras
     import numpy as np

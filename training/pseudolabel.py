@@ -41,8 +41,7 @@ def main(argv=None):
     """CLI entry point: flags checked before TensorFlow loads; one-line errors (exit 2) for bad input."""
     args = build_parser().parse_args(argv)
     out = pathlib.Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise cli.FlagError(f"--out: {out} exists; pass --overwrite to replace it")
+    cli.refuse_existing(out, args.overwrite)
     if args.labelled_fraction is not None and not 0.0 < args.labelled_fraction < 1.0:
         raise cli.FlagError(f"--labelled-fraction must be in (0, 1). Received: {args.labelled_fraction}")
     cli.import_tensorflow(args.verbose)
