@@ -72,11 +72,20 @@ def save_archive(model, path, meta=None):
     return path.stat().st_size
 
 
+def _open(path):
+    """``np.load`` of an archive, refusing a file that is not a zip first (numpy would otherwise try it as a pickle
+    and say so, which names the wrong problem)."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a bcs-tf network archive: not an .npz (zip) file; it may be truncated "
+                              "or overwritten")
+    return np.load(path)
+
+
 def read_meta(path):
     """The ``meta`` dict of an archive without rebuilding its network; CheckpointError when it is not one."""
     path = pathlib.Path(path)
     try:
-        with np.load(path) as z:
+        with _open(path) as z:
             if int(z["format"]) != FORMAT:
                 raise CheckpointError(f"{path} is not a bcs-tf network archive of format {FORMAT}")
             return json.loads(bytes(z["meta"]).decode())
@@ -88,7 +97,7 @@ def load_archive(path):
     """``(meta, model)`` of an archive written by :func:`save_archive`; CheckpointError when it is not one."""
     path = pathlib.Path(path)
     try:
-        with np.load(path) as z:
+        with _open(path) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"cannot read the network archive {path}: {exc}") from None
