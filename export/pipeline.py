@@ -21,7 +21,7 @@ from bcs_tf.robustness import Evaluator
 from export import micro, onnx_export, tflite, tflite_sparse, verify, xnnpack_sparse
 from export.options import default_out
 from export.strip import expected_nonzeros, kernel_nonzeros, strip_model
-from bcs_run.cli import native_output, refuse_existing
+from bcs_run.cli import native_output
 from bcs_run.config import finished_network, load_finished_run
 from bcs_run.rundir import RunDir, atomic_write
 
@@ -118,9 +118,9 @@ def build_micro(plain, calib, verbose, info):
 
 
 def export(args):
-    """Run one export; returns its report entry. Nothing is written when a check refuses."""
+    """Run one export of ``args`` as checked by ``export.__main__.parse_args`` (which refuses an existing output);
+    returns its report entry. Nothing is written when a check refuses."""
     out = pathlib.Path(args.out) if args.out else default_out(args.run_dir, args.format, args.quantize)
-    refuse_existing(out, args.overwrite)
     model, cfg, budget = load_run(args.run_dir)
     plain = strip_model(model)
     # the nonzero weights the active connections carry (None: a channel-granular network, compacted dense)

@@ -21,8 +21,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bcs_tf.layers import SparseConv2D, SparseDense  # noqa: E402
-import bcs_tf.robustness.art  # noqa: E402,F401  (ART's import closes the logging streams that exist: once, here,
-#                                    before any test's capture, so a test that runs ART's attacks alone is safe)
+# ART's import closes the logging streams that exist: once, here, before any test's capture, so a test that runs
+# ART's attacks alone (e.g. through training.evaluate with capsys) does not close pytest's own
+import bcs_tf.robustness.art  # noqa: E402,F401
 
 
 def tiny_sparse_net(connectivity=0.2, seed=0, input_shape=(8, 8, 1), num_classes=4):

@@ -75,12 +75,12 @@ class Results:
     def triple(self, group):
         """``clean / PGD-50 / AA`` (AA left out where it was not run); a partial seed count once at the end when
         the three have the same, else after each value."""
-        attacks = ["clean", "pgd50"] + (["autoattack"] if self.by_seed(group, "autoattack") else [])
-        counts = {len(self.by_seed(group, a)) for a in attacks}
+        values = [list(self.by_seed(group, a).values()) for a in ("clean", "pgd50", "autoattack")]
+        values = values if values[2] else values[:2]  # each report read once
+        counts = {len(v) for v in values}
         if len(counts) == 1:
-            return " / ".join(mean_std(list(self.by_seed(group, a).values())) for a in attacks) + \
-                self.partial(group, counts.pop())
-        return " / ".join(self.cell(group, a) for a in attacks)
+            return " / ".join(mean_std(v) for v in values) + self.partial(group, counts.pop())
+        return " / ".join(mean_std(v) + self.partial(group, len(v)) for v in values)
 
     def n_examples(self, name="eval"):
         for rid in self.plan.runs:
@@ -131,7 +131,8 @@ def _header(results, title):
           if n_aa else "")
     return [f"# {title}", "",
             f"{results.plan.dataset}, small_cnn, L∞ ε = {p['eps']}, training attack PGD-10; {seeds} seed(s) "
-            f"(mean ± std; a cell that has only some of them so far says so: [n of {seeds} seeds]); accuracies in % on the first {n if n else '?'} test images; robust = PGD-50 (step "
+            f"(mean ± std; a cell that has only some of them so far says so: [n of {seeds} seeds]); accuracies in "
+            f"% on the first {n if n else '?'} test images; robust = PGD-50 (step "
             f"2.5ε/50, random start){aa}. Made by `python -m training.reproduce` (manifest.json has every "
             "command); claims.md compares them seed by seed.", ""]
 
