@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the test suite (a few minutes on 2 CPU cores). Extra arguments go to pytest.
+# Install, then run the test suite (≈ 25 min on 2 idle CPU cores; BUILD.md → Tests). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
