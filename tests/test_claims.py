@@ -66,3 +66,22 @@ def test_a_cell_with_only_some_of_its_seeds_says_how_many(tmp_path):
     write_tables(("bcs",), the_plan, tmp_path)
     table = (tmp_path / "table_bcs.md").read_text()
     assert "72.5 ± 0.7 [2 of 3 seeds] (5)" in table and "70.4 ± 0.5 (10)" in table
+
+
+def test_a_masking_claim_compares_the_gap_between_two_attacks_seed_by_seed(tmp_path):
+    # HYDRA's FGSM − PGD-50 gap is 5 points above BCS's on every seed, though its PGD-50 is the higher one
+    the_plan = plan(("hydra",), "fashion_mnist", "quick", seeds=3)
+    for group, fgsm, pgd in (("at/hydra_c0.01", [80.0, 79.0, 81.0], [70.0, 69.0, 71.0]),
+                             ("at/bcs_c0.01", [70.0, 69.5, 70.5], [65.0, 64.5, 65.5])):
+        for seed, (f, g) in enumerate(zip(fgsm, pgd)):
+            run = tmp_path / "runs" / f"{group}_s{seed}"
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
+                "fgsm": {"accuracy": f / 100}, "pgd50": {"accuracy": g / 100}, "pgd100": {"accuracy": g / 100}}}))
+    results = Results(the_plan, tmp_path / "runs")
+    n, mean, low, high = paired(results, "at/hydra_c0.01", "at/bcs_c0.01", "fgsm-pgd50")
+    assert (n, mean, low, high) == (3, pytest.approx(5.0), pytest.approx(5.0), pytest.approx(5.0))
+    assert verdict(paired(results, "at/hydra_c0.01", "at/bcs_c0.01", "pgd50-pgd100")) == "not shown"
+    text = write_claims(results, ("hydra",), tmp_path / "claims.md").read_text()
+    row = next(line for line in text.splitlines() if "AT 99%: HYDRA's gradient-masking" in line and "FGSM" in line)
+    assert row.rstrip(" |").endswith("held") and "FGSM 88.8 vs PGD-50 43.9" in text
