@@ -1,7 +1,8 @@
 """Model registry: builds a named architecture as its sparse (BCS / random) or dense variant.
 
 For sparse variants every conv and dense kernel is a sparse layer inside one budget; the initial per-layer
-counts follow the architecture's profile (the BCS authors' initial per-layer densities, docs/design.md), scaled so that they sum to the budget exactly.
+counts follow the architecture's profile (the BCS authors' initial per-layer densities, docs/design.md), scaled
+so that they sum to the budget exactly.
 """
 
 from __future__ import annotations

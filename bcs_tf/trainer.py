@@ -184,8 +184,9 @@ class RobustTrainer(keras.Model):
         return _per_worker_logs(logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # A private Keras hook (bcs_tf._keras_compat.PRIVATE; its canary checks the signature). Keras 3.15 builds from the first batch reduced across replicas; across workers that collective
-        # rejects the per-replica batch. One replica's local batch has the shapes the build needs.
+        # A private Keras hook (bcs_tf._keras_compat.PRIVATE; its canary checks the signature). Keras 3.15 builds
+        # from the first batch reduced across replicas; across workers that collective rejects the per-replica
+        # batch. One replica's local batch has the shapes the build needs.
         strategy = distribute_strategy(self)
         if strategy is None or iterator is None or not multi_worker(strategy):
             return super()._maybe_symbolic_build(iterator, data_batch)

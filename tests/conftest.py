@@ -50,7 +50,8 @@ def rewiring_steps(trainer, x, y, steps, batch=16):
 
 
 # the flags of a training run on the synthetic task that takes seconds (each test module adds its own)
-TINY_RUN = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2", "--verbose", "0"]
+TINY_RUN = ["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "2", "--eval-steps", "2",
+            "--verbose", "0"]
 
 RUN_FIXTURES = {"sparse_run", "run_dir", "block_run", "dense_run", "small_sparse_run", "whole_and_killed"}
 RUNS_A_PROGRAM = re.compile(r"\b\w*main\(|subprocess|Popen")

@@ -31,7 +31,7 @@ def micro_export(channel_run):
     assert export_main([str(channel_run), "--format", "micro", "--n-examples", "64", "--attack-exported",
                         "--attack-examples", "8", "--attack-queries", "5"]) == 0
     folder = channel_run / "export" / "micro"
-    return folder, json.loads((channel_run / "export" / "micro" / "export_report.json").read_text())["model_int8.tflite"]
+    return folder, json.loads((folder / "export_report.json").read_text())["model_int8.tflite"]
 
 
 def test_the_full_int8_file_runs_on_tflm_and_agrees_with_keras(micro_export):
@@ -95,7 +95,8 @@ def test_micro_without_the_package_names_it_in_one_line(channel_run, monkeypatch
     from export.__main__ import main as export_main
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tflite_micro" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tflite_micro" else real(name, *a))
     assert export_main([str(channel_run), "--format", "micro", "--out", str(channel_run / "m" / "x.tflite")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "pip install tflite-micro" in err and "\n" not in err

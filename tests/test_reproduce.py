@@ -264,7 +264,8 @@ def test_a_local_ray_cluster_stops_on_sigterm_retries_a_killed_worker_and_gives_
     assert (out / "table_bcs.md").read_text() == (one / "table_bcs.md").read_text()
     _assert_killed_once_and_complete(out, "at/fixed_c0.01_s0", log)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["invocations"][-1]["executor"] == "ray" and "killed_processes" not in manifest["runs"]["at/dense_s0"]
+    assert manifest["invocations"][-1]["executor"] == "ray"
+    assert "killed_processes" not in manifest["runs"]["at/dense_s0"]
     dense_log = (runs / "at" / "dense_s0.log").read_text()
     assert " --resume\n" in dense_log and "resuming" in dense_log, dense_log[-2000:]
     assert not list(runs.rglob("*.progress.json"))  # the driver merged every task's progress into the manifest
@@ -344,7 +345,7 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
     manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
     manifest.record(first.id, status="stopped", process_seconds=3000.0)
 
-    def finish_instantly(cmd, log, tick=None, threads=None):  # the resumed process ends at once: all its cost came before
+    def finish_instantly(cmd, log, tick=None, threads=None):  # the resumed process ends at once: its cost came before
         run_dir = pathlib.Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else pathlib.Path(cmd[3])
         if run_dir.name != pathlib.Path(first.id).name:
             raise KeyboardInterrupt  # stop once the second run's ETA is printed

@@ -100,8 +100,9 @@ def _die_with_parent():
 
 
 def call(cmd, log, tick=None, threads=None):
-    """Run ``cmd`` (a child of this driver: killed when it stops) with its output appended to ``log``; while it runs, ``tick(seconds so far)`` is called every
-    :data:`HEARTBEAT_SECONDS`, so a run's time survives this process being killed outright (SIGKILL).
+    """Run ``cmd`` (a child of this driver: killed when it stops) with its output appended to ``log``; while it
+    runs, ``tick(seconds so far)`` is called every :data:`HEARTBEAT_SECONDS`, so a run's time survives this
+    process being killed outright (SIGKILL).
     ``threads``: TensorFlow's intra- and inter-op threads (and OpenMP's) in the child."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
     if threads:

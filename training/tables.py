@@ -205,7 +205,8 @@ def sparsity_table(results):
             group = sparsity_group(method, s, e, matched)
             cells.append(f"{results.triple(group)} ({results.epochs(group)})" if group in results.groups else "—")
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
-    lines += ["", "## Inverse weights inheritance", "", "| network | epochs in all | clean | PGD-50 |", "|---|---|---|---|"]
+    lines += ["", "## Inverse weights inheritance", "",
+              "| network | epochs in all | clean | PGD-50 |", "|---|---|---|---|"]
     natural = [(f"Fixed {pct}, AT from the AT dense run (adversarial pruning)", f"at/fixed_c{c}_e{e}")
                for c, pct in (("0.1", "90%"), ("0.01", "99%"))]
     natural += [(f"Fixed {pct}, AT from the naturally trained dense run (natural pruning)",
