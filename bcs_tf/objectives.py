@@ -26,8 +26,22 @@ def kl_divergence(logits_p, logits_q):
     return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=1)
 
 
+class Objective:
+    """The interface of a training objective (see the module docstring); ``name`` is its ``--objective``."""
+
+    name = ""
+
+    def adversarial(self, predict, x, y, attack, seed=None):
+        """The batch it trains on, crafted with ``predict`` (inference mode) under ``attack``; None: clean only."""
+        raise NotImplementedError
+
+    def loss(self, forward, x, y, x_adv):
+        """``(scalar loss, clean logits or None, adversarial logits or None)`` with ``forward`` (training mode)."""
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class Natural:
+class Natural(Objective):
     """Standard (non-robust) training on clean inputs."""
 
     name = "natural"
@@ -41,7 +55,7 @@ class Natural:
 
 
 @dataclasses.dataclass(frozen=True)
-class MadryAT:
+class MadryAT(Objective):
     """PGD adversarial training (Madry et al. 2018): cross-entropy on PGD examples with random start."""
 
     name = "at"
@@ -56,7 +70,7 @@ class MadryAT:
 
 
 @dataclasses.dataclass(frozen=True)
-class _RobustnessWeighted:
+class _RobustnessWeighted(Objective):
     """Objectives with a weight β on their robustness (KL) term."""
 
     beta: float = 6.0
@@ -88,7 +102,7 @@ class Trades(_RobustnessWeighted):
 
 
 @dataclasses.dataclass(frozen=True)
-class MixedBatchAT:
+class MixedBatchAT(Objective):
     """Mixed-batch AT (Kurakin et al. 2017): PGD examples for the first half of the batch, clean rest."""
 
     name = "mat"

@@ -58,3 +58,37 @@ def test_every_module_keeps_to_its_layer(package, forbidden):
     result = subprocess.run([sys.executable, "-c", LAYERING, package, forbidden], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT)
     assert result.returncode == 0 and "layered" in result.stdout, result.stderr[-1500:]
+
+
+HOUSE = """
+import ast, importlib, inspect, pathlib, pkgutil, sys
+problems = []
+for package in sys.argv[1].split(','):
+    pkg = importlib.import_module(package)
+    for info in [None, *pkgutil.walk_packages(pkg.__path__, package + '.')]:
+        module = importlib.import_module(info.name if info else package)
+        path = pathlib.Path(module.__file__)
+        problems += [f'{path}:{i}: {len(line)} characters' for i, line in enumerate(path.read_text().splitlines(), 1)
+                     if len(line) > 120]
+        if not module.__doc__:
+            problems.append(f'{path}: no module docstring')
+        for name, obj in vars(module).items():
+            if name.startswith('_') or getattr(obj, '__module__', None) != module.__name__:
+                continue
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not obj.__doc__:
+                problems.append(f'{module.__name__}.{name}: no docstring')
+            if inspect.isclass(obj):
+                for attr, member in vars(obj).items():
+                    inherited = any(attr in vars(base) for base in obj.__mro__[1:])  # the base documents it
+                    if inspect.isfunction(member) and not attr.startswith('_') and not inherited and not member.__doc__:
+                        problems.append(f'{module.__name__}.{name}.{attr}: no docstring')
+print('\\n'.join(problems) or 'kept')
+"""
+
+
+def test_the_house_floors_docstrings_and_line_length():
+    # Every public module, function, class and method that is not a documented base's override has a docstring;
+    # no line is longer than 120 characters.
+    result = subprocess.run([sys.executable, "-c", HOUSE, "bcs_tf,bcs_run,training,export,bench"], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "kept", (result.stdout + result.stderr)[-3000:]

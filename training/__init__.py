@@ -1,0 +1,1 @@
+"""The apps on top of the run layer: training, evaluation, archives, reports and the papers' reproduction."""

@@ -58,6 +58,7 @@ class Snapshots(keras.callbacks.Callback):
         self.epochs = set(epochs)
 
     def save(self, epoch):
+        """Save the weights as ``epoch_EPOCH.weights.h5`` if ``epoch`` is one of the listed ones."""
         if epoch in self.epochs:
             check_before_save(self.model, f"the snapshot of epoch {epoch}")
             self.directory.mkdir(parents=True, exist_ok=True)

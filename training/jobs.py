@@ -175,6 +175,7 @@ class Manifest:
             self.save()
 
     def save(self):
+        """Write the manifest (atomically: a reader never sees half of it)."""
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps(self.data, indent=1))

@@ -98,6 +98,8 @@ class Plan:
         self.runs = {}
 
     def add(self, spec):
+        """Add ``spec`` (a run planned twice keeps one entry, with the union of both plans' attacks); returns the
+        entry."""
         if spec.id in self.runs:
             old = self.runs[spec.id]
             old.attacks = tuple(dict.fromkeys(old.attacks + spec.attacks))
@@ -161,6 +163,7 @@ class Plan:
                     self.run(objective, "dense", 1.0, seed, epochs=self.matched_epochs, tag=f"_e{self.matched_epochs}")
 
     def hydra_table(self):
+        """HYDRA (from the dense run of its objective and seed) against BCS at 90% and 99%, AT and TRADES."""
         attacks = ("clean", "fgsm", "pgd50", "pgd100")
         for seed in range(self.seeds):
             for objective in ("at", "trades"):
@@ -173,6 +176,8 @@ class Plan:
                         self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}", attacks=attacks)
 
     def sparsity_table(self):
+        """Wang et al.'s runs against sparsity: dense, Fixed, HYDRA, lottery tickets (and their controls), BCS,
+        natural pruning and inverse weights inheritance."""
         p = self.p
         e = p["sparsity_epochs"]
         lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}

@@ -43,9 +43,11 @@ class TaskProgress:
         self.data = saved if saved is not None else dict(entry)
 
     def entry(self, rid):
+        """The task's run entry (the manifest's interface; ``rid`` is this task's)."""
         return self.data
 
     def record(self, rid, **entry):
+        """Update the entry and save it (as :meth:`training.jobs.Manifest.record` does the manifest's)."""
         jobs.update_entry(self.data, entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps(self.data))

@@ -69,6 +69,7 @@ class Results:
         return f" [{n} of {planned} seeds]" if 0 < n < planned else ""
 
     def mean(self, group, attack):
+        """Mean accuracy in % of ``attack`` over the seeds of ``group`` that have it, or None."""
         values = list(self.by_seed(group, attack).values())
         return float(np.mean(values)) if values else None
 
@@ -83,6 +84,7 @@ class Results:
         return " / ".join(mean_std(v) + self.partial(group, len(v)) for v in values)
 
     def n_examples(self, name="eval"):
+        """How many test images the first run with a ``NAME.json`` was evaluated on, or None."""
         for rid in self.plan.runs:
             report = self.report(rid, name)
             if report and "n_examples" in report:

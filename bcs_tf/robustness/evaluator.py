@@ -115,9 +115,11 @@ class Evaluator:
 
     # Each attack maps a batch (x, y) to a boolean array: still correctly classified.
     def clean(self, x, y):
+        """The batch function of clean accuracy."""
         return self._correct(x, y)
 
     def fgsm(self, x, y):
+        """The batch function of FGSM (one signed-gradient step of size ε)."""
         return self._correct(fgsm(self.predict, x, y, self.eps, norm=self.norm), y)
 
     def pgd(self, steps):
