@@ -2,8 +2,9 @@
 
 Fashion-MNIST is read offline from the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist/``), else from the Keras cache (``~/.keras/datasets/fashion-mnist``),
-else through TFDS; a clear :class:`DataError` lists those places when none has it. CIFAR-10/100 and SVHN
-come through TFDS (``--data-dir`` is its data_dir).
+else through TFDS; a clear :class:`DataError` lists those places when none has it. An explicit ``--data-dir``
+is the only place looked (its IDX files, else TFDS with it as data_dir): a wrong path is an error, never a
+silent fall-back to another copy. CIFAR-10/100 and SVHN come through TFDS (``--data-dir`` is its data_dir).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def _fashion_mnist_from_tfds(data_dir):
 
 
 def load_fashion_mnist(data_dir=None, use_tfds=True):
-    """Fashion-MNIST as ``((x_train, y_train), (x_test, y_test), source)`` with uint8 images (N, 28, 28)."""
-    dirs = ([pathlib.Path(data_dir)] if data_dir else []) + list(FASHION_MNIST_DIRS)
+    """Fashion-MNIST as ``((x_train, y_train), (x_test, y_test), source)`` with uint8 images (N, 28, 28); from
+    ``data_dir`` alone when it is given (see the module docstring)."""
+    dirs = [pathlib.Path(data_dir)] if data_dir else list(FASHION_MNIST_DIRS)
     for directory in dirs:
         if all((directory / fname).is_file() for fname in IDX_FILES.values()):
             return (*_fashion_mnist_from_idx(directory), str(directory))

@@ -37,9 +37,27 @@ def test_missing_dataset_names_the_places_looked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_fashion_mnist_from_tfds", no_tfds)
     with pytest.raises(DataError) as err:
-        data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "mine"))
+        data.load_dataset("fashion_mnist")
     message = str(err.value)
-    assert str(tmp_path / "nowhere") in message and str(tmp_path / "mine") in message and "TFDS" in message
+    assert str(tmp_path / "nowhere") in message and "TFDS" in message and "--data-dir" in message
+
+
+def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):
+    # the default place has the files, but a --data-dir without them (a typo) is an error that names it
+    _fake_fmnist(tmp_path)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (tmp_path,))
+    seen = []
+
+    def no_tfds(data_dir):
+        seen.append(data_dir)
+        raise DataError("TFDS could not provide fashion_mnist: offline")
+
+    monkeypatch.setattr(data, "_fashion_mnist_from_tfds", no_tfds)
+    with pytest.raises(DataError) as err:
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "typo"))
+    assert f"in: {tmp_path / 'typo'};" in str(err.value)  # that place alone
+    assert seen == [str(tmp_path / "typo")]  # TFDS was asked for that data_dir
+    assert data.load_dataset("fashion_mnist", val_split=5).source == str(tmp_path)
 
 
 def test_corrupt_idx_file_is_a_data_error(tmp_path):
