@@ -52,8 +52,11 @@ def test_a_closeness_claim_uses_its_margin_and_one_seed_shows_nothing(tmp_path):
 def test_claims_md_lists_the_measured_claim_with_its_runs_and_epochs(tmp_path):
     the_plan, results = _results(tmp_path, [72.0, 73.1, 71.9], [70.0, 71.0, 70.2])
     text = write_claims(results, ("bcs",), tmp_path / "claims.md").read_text()
-    row = next(line for line in text.splitlines() if "AT 99%: BCS > Fixed | papers'" in line and "PGD-50" in line)
+    row = next(line for line in text.splitlines() if "AT 99%: BCS > Fixed | papers' | at/" in line and "PGD-50" in line)
     assert "at/bcs_c0.01 (5) − at/fixed_c0.01 (10)" in row and row.rstrip(" |").endswith("held")
+    summary = next(line for line in text.splitlines() if line.startswith("| AT 99%: BCS > Fixed | papers' | 5 vs 10"))
+    assert summary == ("| AT 99%: BCS > Fixed | papers' | 5 vs 10 | 3 | +0.0 [+0.0, +0.0] | +1.9 [+1.4, +2.5] | — | "
+                       "not shown: clean; held: PGD-50 |")  # the same clean accuracy: a zero-width interval at 0
     written = write_tables(("bcs",), the_plan, tmp_path)
     assert tmp_path / "claims.md" in written
 
@@ -83,5 +86,6 @@ def test_a_masking_claim_compares_the_gap_between_two_attacks_seed_by_seed(tmp_p
     assert (n, mean, low, high) == (3, pytest.approx(5.0), pytest.approx(5.0), pytest.approx(5.0))
     assert verdict(paired(results, "at/hydra_c0.01", "at/bcs_c0.01", "pgd50-pgd100")) == "not shown"
     text = write_claims(results, ("hydra",), tmp_path / "claims.md").read_text()
-    row = next(line for line in text.splitlines() if "AT 99%: HYDRA's gradient-masking" in line and "FGSM" in line)
-    assert row.rstrip(" |").endswith("held") and "FGSM 88.8 vs PGD-50 43.9" in text
+    row = next(line for line in text.splitlines() if "AT 99%: HYDRA's gradient-masking" in line and "(11) −" in line)
+    assert "| FGSM − PGD-50 gap |" in row and row.rstrip(" |").endswith("held") and "FGSM 88.8 vs PGD-50 43.9" in text
+    assert "| held: FGSM − PGD-50 gap; not shown: PGD-50 − PGD-100 gap |" in text  # the claim-by-claim table

@@ -195,6 +195,35 @@ def claims_table(results, claims):
     return lines
 
 
+def claims_summary(results, claims):
+    """Markdown tables with one row a claim under one protocol: each attack's mean difference and 95% interval,
+    and the verdicts (one table per set of attacks, so that the columns line up)."""
+    labels = dict(ATTACKS)
+    tables = {}
+    for claim in claims:
+        if claim.a not in results.groups or claim.b not in results.groups:
+            continue
+        measured = {attack: paired(results, claim.a, claim.b, attack) for attack in claim.attacks}
+        if not any(measured.values()):
+            continue
+        cells, verdicts = [], {}
+        for attack, m in measured.items():
+            cells.append("—" if m is None else _fmt(m[1]) + ("" if m[2] is None else f" [{m[2]:+.1f}, {m[3]:+.1f}]"))
+            if m is not None:
+                verdicts.setdefault(verdict(m, claim.margin), []).append(labels[attack])
+        said = "; ".join(v if len(verdicts) == 1 else f"{v}: {', '.join(a)}" for v, a in verdicts.items())
+        seeds = max(m[0] for m in measured.values() if m)
+        tables.setdefault(claim.attacks, []).append(
+            f"| {claim.text} | {claim.protocol} | {results.epochs(claim.a)} vs {results.epochs(claim.b)} | {seeds} | "
+            + " | ".join(cells) + f" | {said} |")
+    lines = []
+    for attacks, rows in tables.items():
+        heads = " | ".join(labels[a] for a in attacks)
+        lines += [f"| claim | protocol | epochs A vs B | seeds | {heads} | verdict |",
+                  "|---|---|---|---|" + "---|" * (len(attacks) + 1), *rows, ""]
+    return lines
+
+
 def all_claims(results, tables):
     """The claims the requested tables can measure."""
     p = results.plan.p
@@ -219,7 +248,10 @@ def write_claims(results, tables, path):
              f"{results.plan.dataset}, small_cnn. Paired differences A − B in accuracy points, seed by seed (same "
              f"initialisation seed and data order), mean and Student-t 95% interval; clean and PGD-50 on {n} test "
              f"images, AA on {n_aa}. Verdict: held (interval above 0, or above −margin for a \"within\" claim), "
-             "contradicted (below it), not shown (across it, or one seed). Rows appear as their runs finish.", ""]
+             "contradicted (below it), not shown (across it, or one seed). Rows appear as their runs finish.", "",
+             "## Claim by claim", ""]
+    lines += claims_summary(results, claims)
+    lines += ["## Every attack, with its runs", ""]
     lines += claims_table(results, claims)
     if notes:
         lines += ["", "Notes:", *dict.fromkeys(notes)]
