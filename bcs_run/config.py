@@ -64,8 +64,8 @@ class RunConfig:
     dataset: str = flag("fashion_mnist", "data", "Fashion-MNIST is read offline; CIFAR/SVHN through TFDS; "
                         "synthetic is a small learnable task for tests", DATASET_NAMES)
     data_dir: typing.Optional[str] = flag(None, "data", "where the dataset is (Fashion-MNIST files or TFDS "
-                                          "data_dir); given, nothing else is tried", shown="/usr/share/datasets, Keras cache, TFDS",
-                                          metavar="DIR")
+                                          "data_dir); given, nothing else is tried",
+                                          shown="/usr/share/datasets, Keras cache, TFDS", metavar="DIR")
     val_split: int = flag(5000, "data", "training images held out for validation; the best epoch is chosen on them")
     augment: str = flag("auto", "data", "the authors' random shifts (±10%%) and flips; auto = on for "
                         "CIFAR/SVHN, off for Fashion-MNIST", ("auto", "on", "off"))
