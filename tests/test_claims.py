@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.claims import paired, verdict, write_claims
+from training.claims import masking_check, paired, verdict, write_claims
 from training.plan import plan
 from training.tables import Results, write_tables
 
@@ -89,3 +89,17 @@ def test_a_masking_claim_compares_the_gap_between_two_attacks_seed_by_seed(tmp_p
     row = next(line for line in text.splitlines() if "AT 99%: HYDRA's gradient-masking" in line and "(11) −" in line)
     assert "| FGSM − PGD-50 gap |" in row and row.rstrip(" |").endswith("held") and "FGSM 88.8 vs PGD-50 43.9" in text
     assert "| held: FGSM − PGD-50 gap; not shown: PGD-50 − PGD-100 gap |" in text  # the claim-by-claim table
+
+
+def test_a_run_whose_gradients_mislead_the_attacks_is_listed_and_a_sound_one_is_not(tmp_path):
+    the_plan, results = _results(tmp_path, [70.0, 71.0, 70.5], [70.0, 71.0, 70.2])
+    # PGD-50 70.0, 71.0, 70.0: AA 18 points below it; sound; AA 8 below, but Square takes 6 after APGD-T
+    for rid, apgd_t, aa in (("at/bcs_c0.01_s0", 0.53, 0.52), ("at/bcs_c0.01_s1", 0.69, 0.69),
+                            ("at/fixed_c0.01_s0", 0.68, 0.62)):
+        after = {"clean": 0.8, "apgd-ce": 0.7, "apgd-t": apgd_t, "square": aa}
+        (tmp_path / "runs" / rid / "eval_aa.json").write_text(json.dumps({"n_examples": 1000, "attacks": {
+            "autoattack": {"accuracy": aa, "after": after}}}))
+    text = "\n".join(masking_check(results))
+    assert text.startswith("3 runs with AutoAttack checked")
+    assert "| at/bcs_c0.01_s0 | — | 70.0 | 52.0 |" in text and "| at/fixed_c0.01_s0 |" in text
+    assert "at/bcs_c0.01_s1" not in text

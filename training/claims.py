@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from bcs_run.attacks import AA_GAP
 from bcs_run.rundir import atomic_write
 from training.plan import SPARSITIES, sparsity_group
 
@@ -224,6 +225,39 @@ def claims_summary(results, claims):
     return lines
 
 
+SQUARE_GAP = 0.05  # the black-box Square finding this much more after APGD-CE and APGD-T: gradients mislead
+
+
+def masking_check(results):
+    """Markdown lines on the runs with AutoAttack whose PGD numbers overrate them: AutoAttack more than
+    ``AA_GAP`` below PGD-50 (on the first images of the same test set), or Square taking more than
+    ``SQUARE_GAP`` after the two gradient attacks. Signs of gradient masking, run by run."""
+    rows, checked = [], 0
+    for rid in results.plan.runs:
+        aa, pgd = results.report(rid, "eval_aa"), results.value(rid, "pgd50")
+        if not aa or "autoattack" not in aa.get("attacks", {}) or pgd is None:
+            continue
+        checked += 1
+        after = aa["attacks"]["autoattack"].get("after", {})
+        square = after["apgd-t"] - after["square"] if {"apgd-t", "square"} <= after.keys() else 0.0
+        value = aa["attacks"]["autoattack"]["accuracy"]
+        if pgd - value > AA_GAP or square > SQUARE_GAP:
+            parts = " → ".join(f"{100 * after[k]:.1f}" for k in ("clean", "apgd-ce", "apgd-t", "square") if k in after)
+            fgsm = results.value(rid, "fgsm")
+            rows.append(f"| {rid} | {'—' if fgsm is None else f'{100 * fgsm:.1f}'} | {100 * pgd:.1f} | "
+                        f"{100 * value:.1f} | {parts} |")
+    lines = [f"{checked} runs with AutoAttack checked: a run is listed when AutoAttack lies more than "
+             f"{100 * AA_GAP:g} points below its PGD-50 or the black-box Square takes more than {100 * SQUARE_GAP:g} "
+             "points after APGD-CE and APGD-T — signs that its gradients mislead the attacks (its PGD numbers "
+             "overrate it; AA is the number to read)."]
+    if rows:
+        lines += ["", "| run | FGSM | PGD-50 | AA | AA's parts: clean → APGD-CE → APGD-T → Square |",
+                  "|---|---|---|---|---|", *rows]
+    else:
+        lines.append("None is listed.")
+    return lines
+
+
 def all_claims(results, tables):
     """The claims the requested tables can measure."""
     p = results.plan.p
@@ -255,5 +289,6 @@ def write_claims(results, tables, path):
     lines += claims_table(results, claims)
     if notes:
         lines += ["", "Notes:", *dict.fromkeys(notes)]
+    lines += ["", "## Gradient-masking check", ""] + masking_check(results)
     atomic_write(path, "\n".join(lines) + "\n")
     return path
