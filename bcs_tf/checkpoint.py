@@ -157,6 +157,32 @@ def load_checkpoint(trainer, directory):
     return state
 
 
+def load_network_from_checkpoint(net, directory):
+    """Load into ``net`` the network weights of the newest training checkpoint in ``directory`` (the trainer's
+    file also holds the optimizer's); returns the saved state dict. Raises CheckpointError."""
+    import tempfile
+
+    import h5py
+
+    directory = pathlib.Path(directory)
+    state = read_state(directory)
+    path = directory / state["weights"]
+    try:
+        with h5py.File(path, "r") as trainer_file, tempfile.TemporaryDirectory() as tmp:
+            nets = list(trainer_file["layers"].keys())  # Keras stores the trainer's one sub-model under its path
+            if len(nets) != 1:
+                raise ValueError(f"one network expected in the trainer's file, found {nets}")
+            part = pathlib.Path(tmp) / "net.weights.h5"
+            with h5py.File(part, "w") as net_file:
+                for key in ("layers", "vars"):
+                    trainer_file.copy(trainer_file[f"layers/{nets[0]}/{key}"], net_file, key)
+            net.load_weights(part)
+    except Exception as exc:  # h5py/Keras raise OSError, ValueError, KeyError... for bad or foreign files
+        raise CheckpointError(f"corrupt or incompatible checkpoint {path}: {type(exc).__name__}: "
+                              f"{str(exc)[:200]}") from None
+    return state
+
+
 def check_before_save(trainer, what):
     """Raise DivergenceError instead of saving ``what`` when the trainer's weights are not finite or break
     the connection budget."""

@@ -1,3 +1,5 @@
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -93,6 +95,34 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
     assert json.loads((run / "eval_small.json").read_text())["n_examples"] == 16
     assert json.loads((run / "eval.json").read_text())["attacks"] == saved
     assert eval_main(flags + ["--name", "../x"]) == 2 and "--name" in capsys.readouterr().err
+    # --weights last: the newest training checkpoint's network (here the selected one too), in its own report
+    assert eval_main([str(run), "--weights", "last", "--attacks", "clean", "--n-examples", "32", "--verbose",
+                      "0"]) == 0
+    last = json.loads((run / "eval_last.json").read_text())
+    assert last["weights"] == "last" and last["attacks"]["clean"]["accuracy"] == saved["clean"]["accuracy"]
+    (run / "checkpoint").rename(tmp_path / "away")
+    assert eval_main([str(run), "--weights", "last", "--overwrite", "--verbose", "0"]) == 2
+    assert "no training checkpoint" in capsys.readouterr().err
+
+
+def test_the_network_of_a_checkpoint_loads_into_the_saved_model(tmp_path):
+    from bcs_tf.checkpoint import load_network_from_checkpoint
+    from bcs_tf.errors import CheckpointError
+    from training.run import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main(["--dataset", "synthetic", "--val-split", "128", "--attack-steps", "1", "--eval-steps", "1",
+                       "--max-steps", "2", "--verbose", "0", "--out", str(run)]) == 0
+    net = keras.models.load_model(run / "model.keras")  # the selected network: here also the newest checkpoint's
+    reference = [w.numpy().copy() for w in net.weights]
+    for w in net.weights:
+        w.assign(tf.zeros_like(w))
+    load_network_from_checkpoint(net, run / "checkpoint")
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(reference, net.weights))
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    (run / "checkpoint" / state["weights"]).write_bytes(b"not hdf5")
+    with pytest.raises(CheckpointError, match="corrupt or incompatible checkpoint"):
+        load_network_from_checkpoint(net, run / "checkpoint")
 
 
 @pytest.mark.integration  # ART / foolbox, tens of seconds

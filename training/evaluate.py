@@ -21,7 +21,7 @@ import sys
 from bcs_run import cli
 from bcs_run.attacks import ATTACK_NAMES, TABLE_ROWS, VERSION_USERS, order_check, parse_attacks
 from bcs_run.config import finished_network
-from bcs_run.rundir import atomic_write
+from bcs_run.rundir import RunDir, atomic_write
 
 
 def markdown_table(results, eps, n):
@@ -43,6 +43,9 @@ def build_parser():
     p = cli.parser("python -m training.evaluate", __doc__)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`, or a "
                    "results directory's archived run (network.npz)")
+    p.add_argument("--weights", choices=("selected", "last"), default="selected",
+                   help="the network of the epoch validation selected (model.keras / network.npz), or of the "
+                   "newest training checkpoint (the last epoch: is the selected one flattered by gradient masking?)")
     attack = p.add_argument_group("attack")
     attack.add_argument("--attacks", metavar="A1,A2", help=f"comma-separated, run in this order: {ATTACK_NAMES}",
                         default="clean,fgsm,pgd50,pgd100,apgd-ce,apgd-t,autoattack,bb")
@@ -64,8 +67,9 @@ def build_parser():
     data.add_argument("--batch-size", type=cli.positive(int), metavar="N", default=256,
                       help="examples per attack batch")
     out = p.add_argument_group("output")
-    out.add_argument("--name", metavar="NAME", default="eval", help="report file stem in the run directory "
-                     "(NAME.json, NAME.md), e.g. to keep a costly AutoAttack on fewer examples beside eval.json")
+    out.add_argument("--name", metavar="NAME", default=None, help="report file stem in the run directory "
+                     "(NAME.json, NAME.md), e.g. to keep a costly AutoAttack on fewer examples beside eval.json "
+                     "(default: eval; eval_last with --weights last)")
     mode = out.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing NAME.json / NAME.md")
     mode.add_argument("--resume", action="store_true",
@@ -79,6 +83,7 @@ def build_parser():
 def check_args(args):
     """Everything about the flags that can be checked without TensorFlow; returns the attack names."""
     names = parse_attacks(args.attacks)
+    args.name = args.name or ("eval_last" if args.weights == "last" else "eval")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
         raise cli.FlagError(f"--name: letters, digits, '_', '.', '-' only. Received: {args.name!r}")
     if args.eps is not None and args.eps < 0:
@@ -87,6 +92,9 @@ def check_args(args):
     if finished_network(run_dir) is None:
         raise cli.FlagError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` output "
                             "or an archived run of a results directory?)")
+    if args.weights == "last" and not (RunDir(run_dir).checkpoint / "state.json").is_file():
+        raise cli.FlagError(f"--weights last: {run_dir} keeps no training checkpoint (an archived run keeps only "
+                            "its selected network)")
     out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"
     if (out_json.exists() or out_md.exists()) and not (args.overwrite or args.resume):
         raise cli.FlagError(f"{out_json} exists; pass --resume to continue it or --overwrite to replace it")
@@ -113,7 +121,8 @@ def _previous_results(out_json, settings):
         report = json.loads(out_json.read_text())
     except (OSError, ValueError) as exc:
         raise cli.FlagError(f"--resume: cannot read {out_json} ({exc}); use --overwrite to start afresh") from exc
-    saved = {"square": "art", "apgd": "art", **report}  # reports from before the in-graph attacks used ART's
+    # reports from before the in-graph attacks used ART's, and before --weights, the selected network
+    saved = {"square": "art", "apgd": "art", "weights": "selected", **report}
     differs = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     kept = report.get("attacks", {})
     for version, attacks in VERSION_USERS.items():
@@ -139,6 +148,12 @@ def evaluate(args, names):
     run_dir = pathlib.Path(args.run_dir)
     out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"
     cfg, net = load_finished_run(run_dir)
+    if args.weights == "last":
+        from bcs_tf.checkpoint import load_network_from_checkpoint
+
+        state = load_network_from_checkpoint(net, RunDir(run_dir).checkpoint)
+        print(f"the network of the newest training checkpoint (epoch {state.get('epoch')}, step "
+              f"{state.get('step_in_epoch', 0)} within it), not the selected epoch {state.get('best_epoch')}'s")
     eps = cfg.eps if args.eps is None else args.eps
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
     if args.n_examples is not None and args.n_examples > len(data.x_test):
@@ -147,9 +162,9 @@ def evaluate(args, names):
     ev = Evaluator(net, eps, data.num_classes, args.batch_size, args.restarts, cfg.seed, args.square_queries,
                    args.verbose, autoattack=args.autoattack, square=args.square, apgd=args.apgd)
     x, y = data.x_test[: args.n_examples], data.y_test[: args.n_examples]
-    settings = {"run_dir": str(run_dir), "eps": eps, "restarts": args.restarts, "n_examples": int(len(x)),
-                "square_queries": args.square_queries, "autoattack": args.autoattack, "square": args.square,
-                "apgd": args.apgd}
+    settings = {"run_dir": str(run_dir), "weights": args.weights, "eps": eps, "restarts": args.restarts,
+                "n_examples": int(len(x)), "square_queries": args.square_queries, "autoattack": args.autoattack,
+                "square": args.square, "apgd": args.apgd}
     results = _previous_results(out_json, settings) if args.resume and out_json.exists() else {}
     for name in names:
         if name in results:
