@@ -144,6 +144,36 @@ def refuse_existing(paths, overwrite, flag="--out"):
             raise FlagError(f"{flag}: {path} exists; pass --overwrite to replace it")
 
 
+def add_weights(p):
+    """``--weights {selected,last}``: the network validation selected, or the newest training checkpoint's."""
+    p.add_argument("--weights", choices=("selected", "last"), default="selected",
+                   help="the network of the epoch validation selected (model.keras / network.npz), or of the "
+                   "newest training checkpoint (the last epoch: is the selected one flattered by gradient masking?)")
+
+
+def check_weights(args, run_dir):
+    """FlagError for ``--weights last`` on a directory without training checkpoints (an archived run)."""
+    from bcs_run.rundir import RunDir
+
+    if args.weights == "last" and not RunDir(run_dir).checkpoint.is_dir():
+        raise FlagError(f"--weights last: {run_dir} keeps no training checkpoint (an archived run keeps only its "
+                        "selected network)")
+
+
+def load_weights(args, run_dir, net):
+    """With ``--weights last``, load the newest training checkpoint's weights into ``net``; returns a dict that
+    says which network it is (for reports and archives)."""
+    if args.weights != "last":
+        return {"weights": "selected"}
+    from bcs_run.rundir import RunDir
+    from bcs_tf.checkpoint import load_network_from_checkpoint
+
+    state = load_network_from_checkpoint(net, RunDir(run_dir).checkpoint)
+    print(f"the network of the newest training checkpoint (epoch {state.get('epoch')}, step "
+          f"{state.get('step_in_epoch', 0)} within it), not the selected epoch {state.get('best_epoch')}'s")
+    return {"weights": "last", "epoch": state.get("epoch"), "step_in_epoch": state.get("step_in_epoch", 0)}
+
+
 @contextlib.contextmanager
 def exclusive(directory, flag):
     """Hold an exclusive lock on the existing ``directory`` inside the block, so that two bcs-tf commands never

@@ -100,6 +100,15 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
                       "0"]) == 0
     last = json.loads((run / "eval_last.json").read_text())
     assert last["weights"] == "last" and last["attacks"]["clean"]["accuracy"] == saved["clean"]["accuracy"]
+    from training.archive import main as archive_main
+
+    assert archive_main([str(run), "--weights", "last", "--verbose", "0"]) == 2  # network.npz: the selected one
+    assert "--out" in capsys.readouterr().err
+    archived = tmp_path / "last" / "network.npz"
+    assert archive_main([str(run), "--weights", "last", "--out", str(archived), "--verbose", "0"]) == 0
+    from bcs_tf.archive import load_archive
+
+    assert load_archive(archived)[0]["weights"] == "last"
     (run / "checkpoint").rename(tmp_path / "away")
     assert eval_main([str(run), "--weights", "last", "--overwrite", "--verbose", "0"]) == 2
     assert "no training checkpoint" in capsys.readouterr().err

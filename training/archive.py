@@ -24,6 +24,7 @@ def build_parser():
                    "holding only its network.npz)")
     p.add_argument("--out", metavar="FILE", default=None, help="archive path (default: RUN_DIR/network.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing archive")
+    cli.add_weights(p)
     cli.add_verbose(p)
     return p
 
@@ -35,7 +36,10 @@ def main(argv=None):
     run_dir = pathlib.Path(args.run_dir)
     if RunDir(run_dir).network() is None:
         raise cli.FlagError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` output?)")
+    cli.check_weights(args, run_dir)
     out = pathlib.Path(args.out) if args.out else RunDir(run_dir).archive
+    if args.weights == "last" and not args.out:
+        raise cli.FlagError("--weights last: pass --out (RUN_DIR/network.npz stays the selected network)")
     cli.refuse_existing(out, args.overwrite)
     cli.import_tensorflow(args.verbose)
     import keras
@@ -45,7 +49,8 @@ def main(argv=None):
     from bcs_run.config import load_finished_run
 
     cfg, model = load_finished_run(run_dir)
-    size = save_archive(model, out, {"config": cfg.to_dict()})
+    which = cli.load_weights(args, run_dir, model)
+    size = save_archive(model, out, {"config": cfg.to_dict(), **({} if args.weights == "selected" else which)})
     _, loaded = load_archive(out)  # the archive must compute exactly what model.keras computes
     probe = np.random.default_rng(0).uniform(0, 1, (4, *model.input_shape[1:])).astype(np.float32)
     if not np.array_equal(keras.ops.convert_to_numpy(model(probe)), keras.ops.convert_to_numpy(loaded(probe))):

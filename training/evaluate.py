@@ -21,7 +21,7 @@ import sys
 from bcs_run import cli
 from bcs_run.attacks import ATTACK_NAMES, TABLE_ROWS, VERSION_USERS, order_check, parse_attacks
 from bcs_run.config import finished_network
-from bcs_run.rundir import RunDir, atomic_write
+from bcs_run.rundir import atomic_write
 
 
 def markdown_table(results, eps, n):
@@ -43,9 +43,7 @@ def build_parser():
     p = cli.parser("python -m training.evaluate", __doc__)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `python -m training.run`, or a "
                    "results directory's archived run (network.npz)")
-    p.add_argument("--weights", choices=("selected", "last"), default="selected",
-                   help="the network of the epoch validation selected (model.keras / network.npz), or of the "
-                   "newest training checkpoint (the last epoch: is the selected one flattered by gradient masking?)")
+    cli.add_weights(p)
     attack = p.add_argument_group("attack")
     attack.add_argument("--attacks", metavar="A1,A2", help=f"comma-separated, run in this order: {ATTACK_NAMES}",
                         default="clean,fgsm,pgd50,pgd100,apgd-ce,apgd-t,autoattack,bb")
@@ -92,9 +90,7 @@ def check_args(args):
     if finished_network(run_dir) is None:
         raise cli.FlagError(f"{run_dir} has no model.keras or network.npz (is it a finished `training.run` output "
                             "or an archived run of a results directory?)")
-    if args.weights == "last" and not (RunDir(run_dir).checkpoint / "state.json").is_file():
-        raise cli.FlagError(f"--weights last: {run_dir} keeps no training checkpoint (an archived run keeps only "
-                            "its selected network)")
+    cli.check_weights(args, run_dir)
     out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"
     if (out_json.exists() or out_md.exists()) and not (args.overwrite or args.resume):
         raise cli.FlagError(f"{out_json} exists; pass --resume to continue it or --overwrite to replace it")
@@ -148,12 +144,7 @@ def evaluate(args, names):
     run_dir = pathlib.Path(args.run_dir)
     out_json, out_md = run_dir / f"{args.name}.json", run_dir / f"{args.name}.md"
     cfg, net = load_finished_run(run_dir)
-    if args.weights == "last":
-        from bcs_tf.checkpoint import load_network_from_checkpoint
-
-        state = load_network_from_checkpoint(net, RunDir(run_dir).checkpoint)
-        print(f"the network of the newest training checkpoint (epoch {state.get('epoch')}, step "
-              f"{state.get('step_in_epoch', 0)} within it), not the selected epoch {state.get('best_epoch')}'s")
+    cli.load_weights(args, run_dir, net)
     eps = cfg.eps if args.eps is None else args.eps
     data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
     if args.n_examples is not None and args.n_examples > len(data.x_test):
