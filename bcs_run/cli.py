@@ -17,6 +17,8 @@ import re
 import sys
 import tempfile
 
+from bcs_run.rundir import RunDir
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Lines TensorFlow, absl, the LiteRT converter and ART print on import or conversion that tell a user nothing
@@ -153,19 +155,16 @@ def add_weights(p):
 
 def check_weights(args, run_dir):
     """FlagError for ``--weights last`` on a directory without training checkpoints (an archived run)."""
-    from bcs_run.rundir import RunDir
-
     if args.weights == "last" and not RunDir(run_dir).checkpoint.is_dir():
         raise FlagError(f"--weights last: {run_dir} keeps no training checkpoint (an archived run keeps only its "
                         "selected network)")
 
 
 def load_weights(args, run_dir, net):
-    """With ``--weights last``, load the newest training checkpoint's weights into ``net``; returns a dict that
-    says which network it is (for reports and archives)."""
+    """With ``--weights last``, load the newest training checkpoint's weights into ``net``; returns what an
+    archive's metadata adds to say which network it holds ({} for the selected one, the default)."""
     if args.weights != "last":
-        return {"weights": "selected"}
-    from bcs_run.rundir import RunDir
+        return {}
     from bcs_tf.checkpoint import load_network_from_checkpoint
 
     state = load_network_from_checkpoint(net, RunDir(run_dir).checkpoint)

@@ -49,8 +49,7 @@ def main(argv=None):
     from bcs_run.config import load_finished_run
 
     cfg, model = load_finished_run(run_dir)
-    which = cli.load_weights(args, run_dir, model)
-    size = save_archive(model, out, {"config": cfg.to_dict(), **({} if args.weights == "selected" else which)})
+    size = save_archive(model, out, {"config": cfg.to_dict(), **cli.load_weights(args, run_dir, model)})
     _, loaded = load_archive(out)  # the archive must compute exactly what model.keras computes
     probe = np.random.default_rng(0).uniform(0, 1, (4, *model.input_shape[1:])).astype(np.float32)
     if not np.array_equal(keras.ops.convert_to_numpy(model(probe)), keras.ops.convert_to_numpy(loaded(probe))):

@@ -175,18 +175,22 @@ def _fmt(value):
     return "—" if value is None else f"{round(value, 1) or 0.0:+.1f}"  # or: no "-0.0"
 
 
-def claims_table(results, claims):
-    """Markdown rows: claim, protocol, runs (epochs in all), attack, seeds, mean difference, 95% interval,
-    verdict."""
+def measure(results, claims):
+    """``[(claim, {attack: paired(...)})]`` for the claims whose runs are planned, each interval computed once for
+    both tables of claims.md."""
+    return [(claim, {attack: paired(results, claim.a, claim.b, attack) for attack in claim.attacks})
+            for claim in claims if claim.a in results.groups and claim.b in results.groups]
+
+
+def claims_table(results, measured_claims):
+    """Markdown rows of :func:`measure`'s claims: claim, protocol, runs (epochs in all), attack, seeds, mean
+    difference, 95% interval, verdict."""
     lines = ["| claim | protocol | A − B (epochs in all) | attack | seeds | A − B (points) | 95% CI | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     labels = dict(ATTACKS)
-    for claim in claims:
-        if claim.a not in results.groups or claim.b not in results.groups:
-            continue
+    for claim, by_attack in measured_claims:
         runs = f"{claim.a} ({results.epochs(claim.a)}) − {claim.b} ({results.epochs(claim.b)})"
-        for attack in claim.attacks:
-            measured = paired(results, claim.a, claim.b, attack)
+        for attack, measured in by_attack.items():
             if measured is None:
                 continue
             n, mean, low, high = measured
@@ -196,15 +200,12 @@ def claims_table(results, claims):
     return lines
 
 
-def claims_summary(results, claims):
-    """Markdown tables with one row a claim under one protocol: each attack's mean difference and 95% interval,
-    and the verdicts (one table per set of attacks, so that the columns line up)."""
+def claims_summary(results, measured_claims):
+    """Markdown tables with one row a claim of :func:`measure` under one protocol: each attack's mean difference
+    and 95% interval, and the verdicts (one table per set of attacks, so that the columns line up)."""
     labels = dict(ATTACKS)
     tables = {}
-    for claim in claims:
-        if claim.a not in results.groups or claim.b not in results.groups:
-            continue
-        measured = {attack: paired(results, claim.a, claim.b, attack) for attack in claim.attacks}
+    for claim, measured in measured_claims:
         if not any(measured.values()):
             continue
         cells, verdicts = [], {}
@@ -284,9 +285,10 @@ def write_claims(results, tables, path):
              f"images, AA on {n_aa}. Verdict: held (interval above 0, or above −margin for a \"within\" claim), "
              "contradicted (below it), not shown (across it, or one seed). Rows appear as their runs finish.", "",
              "## Claim by claim", ""]
-    lines += claims_summary(results, claims)
+    measured = measure(results, claims)
+    lines += claims_summary(results, measured)
     lines += ["## Every attack, with its runs", ""]
-    lines += claims_table(results, claims)
+    lines += claims_table(results, measured)
     if notes:
         lines += ["", "Notes:", *dict.fromkeys(notes)]
     lines += ["", "## Gradient-masking check", ""] + masking_check(results)
