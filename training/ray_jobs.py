@@ -201,8 +201,11 @@ def _execute(ray, the_plan, runs_dir, out, manifest, collected, threads):
                 if collected is not None:
                     collected()
     except KeyboardInterrupt:
-        for ref, spec in pending.items():
+        for ref in pending:
             ray.cancel(ref, force=True)
+        # a force-cancel is asynchronous: a worker not yet killed could write its progress file after it was merged
+        ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        for spec in pending.values():
             merge(spec, remove=True)
             if manifest.entry(spec.id).get("status") == "running":  # stopped on purpose, not killed
                 manifest.record(spec.id, status="stopped", process_started_at=None)
