@@ -412,3 +412,60 @@ def test_ray_refuses_a_cluster_node_that_cannot_see_the_shared_directories(tmp_p
     assert "10.0.0.2" in message and needle in message and "10.0.0.1" not in message and "\n" not in message
     assert not [p for path in paths for p in path.iterdir()]  # the check files are gone
     check_shared(_FakeRay("none"), paths)  # every node sees both: no error
+
+
+class _SlowCancelRay:
+    """What ``ray_jobs._execute`` calls of Ray, with Ray's asynchronous force-cancel: a cancelled task's worker
+    writes its progress file once more before it dies, and only ``wait`` on its result waits for that."""
+
+    exceptions = type("exceptions", (), {"RayError": RuntimeError})
+
+    def __init__(self, runs_dir):
+        self.runs_dir, self.dying, self.waits = runs_dir, [], 0
+
+    def remote(self, fn):
+        return self
+
+    def options(self, **kwargs):
+        return type("task", (), {"remote": staticmethod(lambda worker, spec, *rest: spec.id)})
+
+    def put(self, value):
+        return ("put", value)
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        self.waits += 1
+        if self.waits == 1:
+            raise KeyboardInterrupt  # SIGTERM reaches the driver while the tasks run
+        for worker in self.dying:
+            worker.join()
+        return refs, []
+
+    def cancel(self, ref, force=False):
+        import threading
+
+        from bcs_run.rundir import atomic_write
+
+        path = self.runs_dir / f"{ref}.progress.json"
+        last = json.dumps({"status": "running", "process_seconds": 7.0, "process_started_at": 0.0})
+        self.dying.append(threading.Timer(0.3, lambda: (path.parent.mkdir(parents=True, exist_ok=True),
+                                                        atomic_write(path, last))))
+        self.dying[-1].start()
+
+
+def test_a_stopped_ray_job_merges_what_its_cancelled_tasks_write_before_they_die(tmp_path):
+    from training import jobs, ray_jobs
+
+    the_plan = plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    fake = _SlowCancelRay(runs)
+    failed, stopped = ray_jobs._execute(fake, the_plan, runs, out, manifest, None, 1)
+    for worker in fake.dying:
+        worker.join()
+    assert stopped and not failed
+    assert not list(runs.rglob("*.progress.json"))  # every last word of a dying task is in the manifest
+    entry = manifest.entry(next(iter(the_plan.runs)))
+    assert entry["status"] == "stopped" and entry["process_seconds"] == 7.0, entry
