@@ -148,8 +148,9 @@ class RunConfig:
                                                   "epoch (0: at epoch ends only)",
                                                   shown="≈ 10 min of training, from the measured step time")
     keep_checkpoints: int = flag(2, "output", "checkpoints kept in checkpoint/ (the newest first)")
-    select_by: str = flag("robust", "output", "validation accuracy that chooses the saved epoch",
-                          ("robust", "clean"))
+    select_by: str = flag("robust", "output", "validation accuracy that chooses the saved epoch, or the last "
+                          "epoch (a PGD-selected epoch can be one whose gradients mask: results/README.md)",
+                          ("robust", "clean", "last"))
     out: str = flag("runs/default", "output",
                     "run directory (never replaced without --overwrite; locked while a process uses it)", metavar="DIR")
 

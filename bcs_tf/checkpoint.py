@@ -210,7 +210,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     best network weights.
 
     The best epoch is chosen by ``monitor`` (default ``val_robust_acc``, higher is better) on the
-    validation split; its network weights go to ``best_path`` (not kept when ``best_path`` is None).
+    validation split, or is always the newest with ``monitor="last"``; its network weights go to ``best_path``
+    (not kept when ``best_path`` is None).
     ``every="auto"`` checkpoints about every ``auto_seconds`` of training, from the step time measured on the
     first steps; None only at epoch ends. ``step_offset`` is the step within the first epoch at which this
     ``fit`` starts (a resumed mid-epoch checkpoint).
@@ -248,7 +249,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.step_offset = 0
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.history.append({"epoch": epoch + 1, **logs})
-        score = logs.get(self.monitor)
+        score = epoch + 1 if self.monitor == "last" else logs.get(self.monitor)
         if score is not None and score > self.best:
             self.best, self.best_epoch = score, epoch + 1
         check_before_save(self.model, f"epoch {epoch + 1}")

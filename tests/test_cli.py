@@ -131,6 +131,24 @@ def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
     assert "corrupt" in err and weights in err
 
 
+def test_select_by_last_keeps_the_last_epochs_network(tmp_path):
+    import keras
+
+    import bcs_tf  # noqa: F401  (registers the layers model.keras holds)
+    from bcs_tf.checkpoint import load_network_from_checkpoint
+
+    out = tmp_path / "run"
+    assert main(FAST + ["--epochs", "3", "--select-by", "last", "--no-report", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 3 and metrics["selected_by"] == "last"
+    saved, last = keras.models.load_model(out / "model.keras"), keras.models.load_model(out / "model.keras")
+    for w in last.weights:
+        w.assign(np.zeros(w.shape, w.dtype))
+    assert load_network_from_checkpoint(last, out / "checkpoint")["epoch"] == 3
+    for a, b in zip(saved.weights, last.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_max_steps_stops_early(tmp_path):
     out = tmp_path / "run"
     assert main(FAST + ["--max-steps", "3", "--method", "random", "--out", str(out)]) == 0

@@ -154,7 +154,7 @@ def _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapsh
             within = f" and step {state['step_in_epoch']} of the next" if state.get("step_in_epoch") else ""
             print(f"resuming {directory} after epoch {state['epoch']}{within} "
                   f"(best {state['monitor']} {state['best']:.4f})")
-    monitor = "val_robust_acc" if cfg.select_by == "robust" else "val_clean_acc"
+    monitor = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "last"}[cfg.select_by]
     skip = state.get("step_in_epoch", 0) if state else 0
     saver = EpochCheckpoint(ckpt_dir, best_path if select_best else None, monitor=monitor, resumed_state=state,
                             extra_state={"restores": restores}, keep=cfg.keep_checkpoints, steps_per_epoch=per_epoch,
