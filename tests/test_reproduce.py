@@ -2,6 +2,7 @@
 times and tables when killed outright, going on from committed results on a new machine, refusing other
 settings."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -43,6 +45,10 @@ def test_plan_puts_every_source_run_before_the_runs_that_start_from_it():
     assert {"at/random_c0.01_s0", "at/bcs_c0.1_s0", "at/fixed_c0.1_s0", "at/hydra_c0.1_s0"} <= aa
     assert not aa & {"at/random_c0.1_s0", "at/dense_s0", "natural/bcs_c0.01_s0", "at/bcs_c0.05_e3_s0",
                      "at/fixed_c0.5_e3_s0", "at/hydra_c0.2_e3_s0"}
+    # B&B beside AutoAttack for the HYDRA table's runs alone (the BCS paper's HYDRA table has a B&B row)
+    bb = {rid for rid, spec in the_plan.runs.items() if "bb" in spec.reports.get("eval_aa", ())}
+    assert {"at/hydra_c0.1_s0", "trades/hydra_c0.01_s1", "at/bcs_c0.01_s0", "trades/bcs_c0.1_e10_s1"} <= bb
+    assert not bb & {"at/fixed_c0.01_s0", "at/random_c0.01_s0", "at/hydra_c0.01_e3_s0", "at/bcs_c0.01_e3_s0"}
     # every reinit control starts from the rewound ticket of its own connectivity
     for rid, spec in the_plan.runs.items():
         if spec.flags.get("reinit"):
@@ -137,6 +143,23 @@ def test_reproduce_stops_on_sigterm_resumes_skips_finished_runs_and_refuses_othe
     assert "—" not in (out / "table_bcs.md").read_text().split("| Standard AT (Madry) |")[1]
     command = json.loads((out / "manifest.json").read_text())["runs"]["at/fixed_c0.01_s0"]["command"]
     assert f"--from {out / 'runs' / 'at' / 'dense_s0'}" in command, command
+
+    # a plan that asks a collected run for an attack its reports lack attacks its archived network in --out: no
+    # training, the report resumed in place (its other attacks kept), the command that trained it still recorded
+    dense = out / "runs" / "at" / "dense_s0"
+    report = json.loads((dense / "eval.json").read_text())
+    kept = report["attacks"].pop("clean")["accuracy"], report["attacks"]["pgd50"]["accuracy"]
+    (dense / "eval.json").write_text(json.dumps(report))
+    trained_by = json.loads((out / "manifest.json").read_text())["runs"]["at/dense_s0"]["command"]
+    fifth = _reproduce(out, tmp_path / "third-machine-runs")
+    log, _ = fifth.communicate(timeout=600)
+    assert fifth.returncode == 0, log
+    assert "at/dense_s0: re-evaluate" in log and log.count(": collected") == 6, log
+    assert not list((tmp_path / "third-machine-runs").rglob("metrics.json"))
+    attacks = json.loads((dense / "eval.json").read_text())["attacks"]
+    assert (attacks["clean"]["accuracy"], attacks["pgd50"]["accuracy"]) == kept
+    entry = json.loads((out / "manifest.json").read_text())["runs"]["at/dense_s0"]
+    assert entry["status"] == "finished" and entry["command"] == trained_by and str(dense) in entry["evaluate"]
 
     before = (out / "manifest.json").read_text()
     refused = _reproduce(out, runs, preset="quick")
@@ -321,6 +344,19 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots
     archived = {dense.id: out / "runs" / dense.id}
     assert str(out / "runs" / dense.id) in train_command(fixed, runs, archived)
     assert str(runs / dense.id) in train_command(fixed, runs)
+
+    # the plan asks for an attack the collected run's report lacks: its archived network is attacked in place
+    # (and read as the source of the runs that start from it); without an archived network it is trained again
+    more = dataclasses.replace(dense, attacks=dense.attacks + ("fgsm",))
+    states = jobs.run_states([more, fixed], runs, out, manifest)
+    assert states[dense.id] == "train"
+    (out / "runs" / dense.id / "network.npz").write_bytes(b"archived")
+    states = jobs.run_states([more, fixed], runs, out, manifest)
+    assert states == {dense.id: "re-evaluate", fixed.id: "train"}
+    worker = jobs.Worker(types.SimpleNamespace(p={"eval_examples": 10}), runs, out, manifest, states, 1)
+    assert str(out / "runs" / dense.id) in worker.commands(more)[1]["eval"]
+    assert str(out / "runs" / dense.id) in worker.commands(fixed)[0]
+    assert jobs.run_states([more, fixed, rewound], runs, out, manifest)[dense.id] == "train"
 
 
 @pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),

@@ -119,7 +119,8 @@ def _previous_results(out_json, settings):
         raise cli.FlagError(f"--resume: cannot read {out_json} ({exc}); use --overwrite to start afresh") from exc
     # reports from before the in-graph attacks used ART's, and before --weights, the selected network
     saved = {"square": "art", "apgd": "art", "weights": "selected", **report}
-    differs = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    # the network, not where it lies: an archived run (results/*/runs/ID) resumes the report made in its run directory
+    differs = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v and k != "run_dir"}
     kept = report.get("attacks", {})
     for version, attacks in VERSION_USERS.items():
         if version in differs and not any(a in kept for a in attacks):

@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from bcs_run import cli
 from bcs_run.rundir import RunDir, atomic_write
-from training.plan import AA_ATTACKS, eval_commands, train_command
+from training.plan import eval_commands, train_command
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # how often a training run's time so far is written to the manifest (what a SIGKILL can lose); tests shorten it
@@ -61,8 +61,7 @@ def _machine():
 
 def _attacks_done(run_dir, spec):
     """Whether ``run_dir`` holds every report of ``spec`` with all of its attacks."""
-    wanted = {"eval": spec.attacks, **({"eval_aa": AA_ATTACKS} if spec.aa else {})}
-    for name, attacks in wanted.items():
+    for name, attacks in spec.reports.items():
         report = RunDir(run_dir).report(name) or {}
         if not all(a in report.get("attacks", {}) for a in attacks):
             return False
@@ -183,28 +182,31 @@ class Manifest:
 
 def run_states(specs, runs_dir, out, manifest):
     """What each run still needs: ``done``, ``collected`` (its results are in ``out`` but its run directory is
-    not here, e.g. on a new machine), ``evaluate``, ``resume`` or ``train``.
+    not here, e.g. on a new machine), ``re-evaluate`` (collected, but the plan asks for attacks its reports lack:
+    its archived network in ``out`` is attacked, not trained again), ``evaluate``, ``resume`` or ``train``.
 
     A collected run is trained again only when a run still to be trained needs more of it than its archived
     network (a rewound lottery ticket reads the source's epoch snapshots); the other runs start from the archive."""
     states = {}
     for spec in specs:
-        run_dir = runs_dir / spec.id
+        run_dir, archived = runs_dir / spec.id, RunDir(out / "runs" / spec.id)
         if RunDir(run_dir).is_complete():
             done = _attacks_done(run_dir, spec) and RunDir(run_dir).archive.is_file()
             states[spec.id] = "done" if done else "evaluate"
-        elif (manifest.data["runs"].get(spec.id, {}).get("status") == "finished"
-              and RunDir(out / "runs" / spec.id).metrics.is_file()
-              and _attacks_done(out / "runs" / spec.id, spec)):
-            states[spec.id] = "collected"
+        elif manifest.data["runs"].get(spec.id, {}).get("status") == "finished" and archived.metrics.is_file() \
+                and (_attacks_done(archived.path, spec) or archived.archive.is_file()):
+            states[spec.id] = "collected" if _attacks_done(archived.path, spec) else "re-evaluate"
         else:
             states[spec.id] = "resume" if RunDir(run_dir).config.is_file() else "train"
     for spec in reversed(specs):  # sources come before the runs that start from them
         if states[spec.id] in ("resume", "train"):
             for dep in spec.deps:
-                if states[dep] == "collected" and spec.needs_source_run:
+                if states[dep] in ARCHIVED and spec.needs_source_run:
                     states[dep] = "train"
     return states
+
+
+ARCHIVED = ("collected", "re-evaluate")  # the states of a run whose network is read from ``out``
 
 
 def run_seconds(entry):
@@ -237,11 +239,16 @@ class Worker:
         self.p, self.runs_dir, self.out, self.progress = the_plan.p, runs_dir, out, progress
         self.states, self.threads = states, threads
 
+    def base(self, spec):
+        """The directory that holds ``spec``'s run as evaluated: the runs dir, or ``out/runs`` for a run whose
+        archived network is re-evaluated there."""
+        return self.out / "runs" if self.states[spec.id] == "re-evaluate" else self.runs_dir
+
     def commands(self, spec):
         """``(training command, {report name: evaluation command})`` of ``spec``."""
         train_cmd = train_command(spec, self.runs_dir, {dep: self.out / "runs" / dep for dep in spec.deps
-                                                        if self.states[dep] == "collected"})
-        return train_cmd, eval_commands(spec, self.runs_dir, self.p)
+                                                        if self.states[dep] in ARCHIVED})
+        return train_cmd, eval_commands(spec, self.base(spec), self.p)
 
     def run(self, spec):
         """Train (when needed), evaluate and archive ``spec``; ``(ok, its training seconds or None)``. The driver
@@ -262,7 +269,8 @@ class Worker:
             seconds = self._train(spec, state, train_cmd)
             if seconds is None:
                 return False, None
-        if state != "done" and not _evaluate(spec, self.runs_dir, self.progress, evals, self.threads):
+        log = self.runs_dir / f"{spec.id}.log"
+        if state != "done" and not _evaluate(spec, self.base(spec), log, self.progress, evals, self.threads):
             return False, seconds
         return True, seconds
 
@@ -403,10 +411,10 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs
             raise
 
 
-def _evaluate(spec, runs_dir, progress, evals, threads=None):
-    """Run the evaluations of ``spec`` (each resumes what an earlier one wrote) and archive its network; returns
-    whether all succeeded."""
-    log = runs_dir / f"{spec.id}.log"
+def _evaluate(spec, base, log, progress, evals, threads=None):
+    """Run the evaluations of ``spec`` (each resumes what an earlier one wrote) and archive its network (its run in
+    ``base``); returns whether all succeeded."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0, spent = time.time(), progress.entry(spec.id).get("eval_seconds", 0.0)
     try:
         for name, cmd in evals.items():
@@ -414,8 +422,8 @@ def _evaluate(spec, runs_dir, progress, evals, threads=None):
             if result.returncode not in (0, 3):  # 3 = order-check warning, reported in the report itself
                 print(f"    evaluation {name} failed (exit {result.returncode}); see {log}")
                 return False
-        if not RunDir(runs_dir / spec.id).archive.is_file():
-            result = call([sys.executable, "-m", "training.archive", str(runs_dir / spec.id), "--verbose", "2"], log,
+        if not RunDir(base / spec.id).archive.is_file():
+            result = call([sys.executable, "-m", "training.archive", str(base / spec.id), "--verbose", "2"], log,
                            threads=threads)
             if result.returncode != 0:
                 print(f"    archiving the network failed (exit {result.returncode}); see {log}")
@@ -431,17 +439,20 @@ def _display(cmd):
 
 
 def collect(spec, runs_dir, out, manifest, train_cmd, evals):
-    """Copy the run's metrics, evaluations and archived network into ``out/runs/ID`` and record the run in the
-    manifest."""
+    """Copy the run's metrics, evaluations and archived network into ``out/runs/ID`` (a run re-evaluated there
+    has them already) and record the run in the manifest."""
     run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id
-    dest.mkdir(parents=True, exist_ok=True)
-    run = RunDir(run_dir)
-    for path in [run.metrics, run.archive, *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
-        if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
-            shutil.copyfile(path, dest / path.name)
-    metrics = json.loads(run.metrics.read_text())
+    copied = RunDir(run_dir).is_complete()
+    if copied:
+        dest.mkdir(parents=True, exist_ok=True)
+        run = RunDir(run_dir)
+        for path in [run.metrics, run.archive, *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
+            if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
+                shutil.copyfile(path, dest / path.name)
+    metrics = json.loads(RunDir(dest).metrics.read_text())
     entry = manifest.data["runs"].get(spec.id, {})
-    manifest.record(spec.id, status="finished", command=_display(train_cmd),
+    manifest.record(spec.id, status="finished",
+                    command=_display(train_cmd) if copied else entry.get("command", _display(train_cmd)),
                     evaluate=" && ".join(_display(cmd) for cmd in evals.values()),
                     commit=entry.get("commit") or git_commit(out), train_seconds=metrics["train_seconds"],
                     wall_seconds=metrics["wall_seconds"])

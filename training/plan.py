@@ -13,10 +13,12 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
 SPARSITY_METHODS = ("fixed", "lottery", "lottery_rw0", "lottery_reinit", "bcs", "hydra")
 FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
 AA_ATTACKS = ("clean", "autoattack")  # eval_aa.json: AutoAttack (and the clean accuracy it starts from)
+BB_ATTACKS = ("bb",)  # added to eval_aa.json of the HYDRA table's runs: the BCS paper's B&B row
 # relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
 OBJECTIVE_COST = {"natural": 0.25, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
 RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the evaluation, in the same units
 AA_COST = 5.0  # AutoAttack on 1,000 test images of small_cnn, in the same units
+BB_COST = 1.0  # B&B on the same 1,000
 
 PRESETS = {
     # 3 seeds of every robust cell, compute-matched controls, PGD-50 on all 10,000 test images and AutoAttack on
@@ -37,13 +39,21 @@ PRESETS = {
 class RunSpec:
     """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation
     (``attacks`` on the preset's ``eval_examples`` into eval.json; ``aa``: AutoAttack on ``aa_examples`` into
-    eval_aa.json)."""
+    eval_aa.json, and with ``bb`` B&B on the same images)."""
 
     id: str
     flags: dict
     deps: tuple = ()
     attacks: tuple = ("clean", "pgd50")
     aa: bool = False
+    bb: bool = False
+
+    @property
+    def reports(self):
+        """``{report name: attacks}`` of this run's evaluation: ``eval`` and, when asked for, ``eval_aa``."""
+        if not self.aa:
+            return {"eval": self.attacks}
+        return {"eval": self.attacks, "eval_aa": AA_ATTACKS + (BB_ATTACKS if self.bb else ())}
 
     @property
     def needs_source_run(self):
@@ -66,7 +76,7 @@ class RunSpec:
         """Estimated cost in AT-epoch units (for the ETA)."""
         width = {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
         return ((self.total_epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * width
-                + (AA_COST * width if self.aa else 0.0))
+                + (AA_COST * width if self.aa else 0.0) + (BB_COST * width if self.aa and self.bb else 0.0))
 
 
 def _conn(sparsity):
@@ -103,7 +113,7 @@ class Plan:
         if spec.id in self.runs:
             old = self.runs[spec.id]
             old.attacks = tuple(dict.fromkeys(old.attacks + spec.attacks))
-            old.aa = old.aa or spec.aa
+            old.aa, old.bb = old.aa or spec.aa, old.bb or spec.bb
             return old
         for dep in spec.deps:
             if dep not in self.runs:
@@ -114,8 +124,8 @@ class Plan:
         return spec
 
     def run(self, objective, method, connectivity, seed, epochs=None, source=None, attacks=("clean", "pgd50"),
-            tag="", **extra):
-        """Plan one run (and return its id)."""
+            tag="", bb=False, **extra):
+        """Plan one run (and return its id); ``bb``: B&B beside its AutoAttack, when it gets AutoAttack."""
         name = method if connectivity >= 1 else f"{method}_c{connectivity:g}"
         rid = f"{objective}/{name}{tag}_s{seed}"
         flags = {"objective": objective, "method": method, "connectivity": connectivity, "dataset": self.dataset,
@@ -126,7 +136,7 @@ class Plan:
         if source:
             flags["from"] = source
         aa = _wants_aa(objective, method, connectivity, self.aa)
-        return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks), aa)).id
+        return self.add(RunSpec(rid, flags, (source,) if source else (), tuple(attacks), aa, bb and aa)).id
 
     @property
     def matched_epochs(self):
@@ -163,17 +173,18 @@ class Plan:
                     self.run(objective, "dense", 1.0, seed, epochs=self.matched_epochs, tag=f"_e{self.matched_epochs}")
 
     def hydra_table(self):
-        """HYDRA (from the dense run of its objective and seed) against BCS at 90% and 99%, AT and TRADES."""
+        """HYDRA (from the dense run of its objective and seed) against BCS at 90% and 99%, AT and TRADES; B&B
+        beside AutoAttack, as in the BCS paper's HYDRA table."""
         attacks = ("clean", "fgsm", "pgd50", "pgd100")
         for seed in range(self.seeds):
             for objective in ("at", "trades"):
                 dense = self.run(objective, "dense", 1.0, seed)
                 for c in (0.01, 0.1):
-                    self.run(objective, "hydra", c, seed, source=dense, attacks=attacks)
-                    self.run(objective, "bcs", c, seed, attacks=attacks)
+                    self.run(objective, "hydra", c, seed, source=dense, attacks=attacks, bb=True)
+                    self.run(objective, "bcs", c, seed, attacks=attacks, bb=True)
                     if self.p.get("matched"):
                         e = self.matched_epochs
-                        self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}", attacks=attacks)
+                        self.run(objective, "bcs", c, seed, epochs=e, tag=f"_e{e}", attacks=attacks, bb=True)
 
     def sparsity_table(self):
         """Wang et al.'s runs against sparsity: dense, Fixed, HYDRA, lottery tickets (and their controls), BCS,
@@ -251,15 +262,14 @@ def train_command(spec, runs_dir, archived=()):
 
 
 def eval_commands(spec, runs_dir, p):
-    """``{report name: python -m training.evaluate command line}`` of ``spec``: eval.json with its attacks on the
-    preset's ``eval_examples``, and eval_aa.json with AutoAttack on ``aa_examples`` when the spec asks for it."""
-    def command(name, attacks, n):
+    """``{report name: python -m training.evaluate command line}`` of ``spec``'s :attr:`RunSpec.reports` on its
+    directory in ``runs_dir``: eval.json on the preset's ``eval_examples``, eval_aa.json on ``aa_examples``. Each
+    resumes its report, so a report that lacks some attacks gains them and keeps the rest."""
+    def command(name, attacks):
+        n = p["eval_examples"] if name == "eval" else p["aa_examples"]
         return [sys.executable, "-m", "training.evaluate", str(runs_dir / spec.id), "--attacks", ",".join(attacks),
                 "--n-examples", str(n), "--name", name, "--resume", "--verbose", "2", "--no-report"]
 
-    commands = {"eval": command("eval", spec.attacks, p["eval_examples"])}
-    if spec.aa:
-        commands["eval_aa"] = command("eval_aa", AA_ATTACKS, p["aa_examples"])
-    return commands
+    return {name: command(name, attacks) for name, attacks in spec.reports.items()}
 
 

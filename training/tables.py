@@ -129,8 +129,8 @@ def _header(results, title):
     p = results.plan.p
     n, n_aa = results.n_examples(), results.n_examples("eval_aa")
     seeds = len({rid.rsplit("_s", 1)[1] for rid in results.plan.runs})
-    aa = (f"; AA = AutoAttack (in-graph APGD-CE → APGD-T → Square on the survivors) on the first {n_aa} test images"
-          if n_aa else "")
+    aa = (f"; AA = AutoAttack (in-graph APGD-CE → APGD-T → Square on the survivors) and, in the HYDRA table, B&B∞ "
+          f"(foolbox's Brendel & Bethge L∞) on the first {n_aa} test images" if n_aa else "")
     return [f"# {title}", "",
             f"{results.plan.dataset}, small_cnn, L∞ ε = {p['eps']}, training attack PGD-10; {seeds} seed(s) "
             f"(mean ± std; a cell that has only some of them so far says so: [n of {seeds} seeds]); accuracies in "
