@@ -359,6 +359,24 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots
     assert jobs.run_states([more, fixed, rewound], runs, out, manifest)[dense.id] == "train"
 
 
+def test_the_eta_counts_a_re_evaluated_run_by_the_attacks_it_lacks(tmp_path):
+    from training import jobs
+    from training.plan import AA_COST, BB_COST, RunSpec
+
+    out = tmp_path / "results"
+    spec = RunSpec("at/bcs_c0.01_s0", {"objective": "at", "method": "bcs", "epochs": 5}, aa=True, bb=True)
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    run = out / "runs" / spec.id
+    run.mkdir(parents=True)
+    (run / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in spec.attacks}}))
+    (run / "eval_aa.json").write_text(json.dumps({"attacks": {"clean": {}, "autoattack": {}}}))
+    assert jobs.Eta([spec], manifest, 1, out, {spec.id: "re-evaluate"}).total == pytest.approx(BB_COST)
+    (run / "eval_aa.json").unlink()
+    assert jobs.Eta([spec], manifest, 1, out, {spec.id: "re-evaluate"}).total == pytest.approx(AA_COST + BB_COST)
+    assert jobs.Eta([spec], manifest, 1, out, {spec.id: "train"}).total == pytest.approx(spec.cost)
+    assert spec.cost > AA_COST + BB_COST
+
+
 @pytest.mark.parametrize("argv,needle", [(["--table", "nope"], "--table"), (["--seeds", "0"], "--seeds"),
                                          (["--executor", "ray", "--jobs", "2"], "--jobs"),
                                          (["--address", "auto"], "--address"),

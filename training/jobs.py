@@ -59,13 +59,18 @@ def _machine():
     return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def _attacks_done(run_dir, spec):
-    """Whether ``run_dir`` holds every report of ``spec`` with all of its attacks."""
+def missing_attacks(run_dir, spec):
+    """The attacks of ``spec``'s reports that ``run_dir`` does not hold yet."""
+    missing = []
     for name, attacks in spec.reports.items():
         report = RunDir(run_dir).report(name) or {}
-        if not all(a in report.get("attacks", {}) for a in attacks):
-            return False
-    return True
+        missing += [a for a in attacks if a not in report.get("attacks", {})]
+    return tuple(missing)
+
+
+def _attacks_done(run_dir, spec):
+    """Whether ``run_dir`` holds every report of ``spec`` with all of its attacks."""
+    return not missing_attacks(run_dir, spec)
 
 
 def update_entry(entry, changes):
@@ -326,10 +331,15 @@ class Worker:
 class Eta:
     """The time the runs not yet started will take: seconds per cost unit (:attr:`RunSpec.cost`) measured on this
     invocation's trained runs (the machine's load now) once one has trained, else on the manifest's finished runs,
-    else a guess; divided by the runs that go at once (``parallel``)."""
+    else a guess; divided by the runs that go at once (``parallel``). With ``states`` (:func:`run_states`), a run
+    re-evaluated in ``out`` counts only the attacks its reports there lack."""
 
-    def __init__(self, specs, manifest, parallel=1):
-        self.total, self.parallel = sum(s.cost for s in specs), parallel
+    def __init__(self, specs, manifest, parallel=1, out=None, states=None):
+        self.costs = {s.id: s.cost for s in specs}
+        for s in specs:  # a re-evaluated run costs only the attacks it lacks
+            if states and states[s.id] == "re-evaluate":
+                self.costs[s.id] = s.attack_cost(missing_attacks(out / "runs" / s.id, s))
+        self.total, self.parallel = sum(self.costs.values()), parallel
         self.position = {spec.id: i for i, spec in enumerate(specs, start=1)}
         earlier = [s for s in specs if manifest.entry(s.id).get("status") == "finished"]
         self.seconds = sum(run_seconds(manifest.entry(s.id)) for s in earlier)
@@ -338,7 +348,7 @@ class Eta:
 
     def started(self, spec):
         """``spec`` has started (or was found done): its cost leaves the ETA."""
-        self.started_cost += spec.cost
+        self.started_cost += self.costs[spec.id]
 
     def trained(self, spec, seconds):
         """``spec`` trained here in ``seconds``."""
@@ -363,7 +373,7 @@ def _execute(the_plan, runs_dir, out, manifest, dry_run, failed, collected, jobs
     ``jobs`` run; appends the ids that fail to ``failed``."""
     specs = list(the_plan.runs.values())
     states = run_states(specs, runs_dir, out, manifest)
-    eta = Eta(specs, manifest, jobs)
+    eta = Eta(specs, manifest, jobs, out, states)
     worker = Worker(the_plan, runs_dir, out, manifest, states, threads)
     finished, pending, running = set(), list(specs), {}
     _stop.clear()

@@ -72,11 +72,20 @@ class RunSpec:
         return epochs
 
     @property
+    def width(self):
+        """The model's cost relative to small_cnn."""
+        return {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
+
+    @property
     def cost(self):
         """Estimated cost in AT-epoch units (for the ETA)."""
-        width = {"small_cnn_x2": 3.0, "small_cnn_x4": 9.0}.get(self.flags.get("model"), 1.0)
-        return ((self.total_epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * width
-                + (AA_COST * width if self.aa else 0.0) + (BB_COST * width if self.aa and self.bb else 0.0))
+        return ((self.total_epochs * OBJECTIVE_COST[self.flags["objective"]] + RUN_OVERHEAD) * self.width
+                + self.attack_cost(AA_ATTACKS + BB_ATTACKS if self.bb else AA_ATTACKS if self.aa else ()))
+
+    def attack_cost(self, attacks):
+        """Estimated cost of the AutoAttack and B&B among ``attacks`` in the same units (the cheap attacks of
+        eval.json are in :data:`RUN_OVERHEAD`): what re-evaluating an archived network costs."""
+        return self.width * (AA_COST * ("autoattack" in attacks) + BB_COST * ("bb" in attacks))
 
 
 def _conn(sparsity):

@@ -160,7 +160,7 @@ def _execute(ray, the_plan, runs_dir, out, manifest, collected, threads):
     task = ray.remote(_run_task).options(num_cpus=threads, num_gpus=gpus, max_retries=jobs.RETRIES,
                                          retry_exceptions=False)
     worker = jobs.Worker(the_plan, runs_dir, out, None, states, threads)
-    eta = jobs.Eta(specs, manifest, max(1, int(ray.cluster_resources().get("CPU", 1) // threads)))
+    eta = jobs.Eta(specs, manifest, max(1, int(ray.cluster_resources().get("CPU", 1) // threads)), out, states)
     refs, pending, failed = {}, {}, []
     for spec in specs:  # in the plan's order of value: Ray starts ready tasks in the order they came
         if states[spec.id] == "collected":
