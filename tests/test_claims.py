@@ -91,6 +91,27 @@ def test_a_masking_claim_compares_the_gap_between_two_attacks_seed_by_seed(tmp_p
     assert "| held: FGSM − PGD-50 gap; not shown: PGD-50 − PGD-100 gap |" in text  # the claim-by-claim table
 
 
+def test_a_gap_with_an_attack_run_on_fewer_images_is_read_on_those_images_only(tmp_path):
+    # PGD-50 on all images 70 (HYDRA) and 72 (BCS); on AutoAttack's first images 66 and 73, where B&B leaves 64 and
+    # 72: the PGD-50 − B&B gaps are 2 and 1 there (mixing the two sets would give 6 and 0)
+    the_plan = plan(("hydra",), "fashion_mnist", "quick", seeds=3)
+    for group, pgd_all, pgd_first, bb in (("at/hydra_c0.01", 70.0, 66.0, 64.0), ("at/bcs_c0.01", 72.0, 73.0, 72.0)):
+        for seed in range(3):
+            run = tmp_path / "runs" / f"{group}_s{seed}"
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
+                "pgd50": {"accuracy": pgd_all / 100}}}))
+            first = {"pgd50": {"accuracy": pgd_first / 100}, "bb": {"accuracy": bb / 100}}
+            if seed == 2:  # a report without PGD-50 on these images: no gap of this seed
+                first.pop("pgd50")
+            (run / "eval_aa.json").write_text(json.dumps({"n_examples": 1000, "attacks": first}))
+    results = Results(the_plan, tmp_path / "runs")
+    assert results.gap_by_seed("at/hydra_c0.01", "pgd50", "bb") == {0: pytest.approx(2.0), 1: pytest.approx(2.0)}
+    n, mean, low, high = paired(results, "at/hydra_c0.01", "at/bcs_c0.01", "pgd50-bb")
+    assert (n, mean) == (2, pytest.approx(1.0))
+    assert results.by_seed("at/hydra_c0.01", "pgd50") == {s: pytest.approx(70.0) for s in range(3)}  # tables: all
+
+
 def test_a_run_whose_gradients_mislead_the_attacks_is_listed_and_a_sound_one_is_not(tmp_path):
     the_plan, results = _results(tmp_path, [70.0, 71.0, 70.5], [70.0, 71.0, 70.2])
     # PGD-50 70.0, 71.0, 70.0: AA 18 points below it; sound; AA 8 below, but Square takes 6 after APGD-T
@@ -103,3 +124,9 @@ def test_a_run_whose_gradients_mislead_the_attacks_is_listed_and_a_sound_one_is_
     assert text.startswith("3 runs with AutoAttack checked")
     assert "| at/bcs_c0.01_s0 | — | 70.0 | 52.0 |" in text and "| at/fixed_c0.01_s0 |" in text
     assert "at/bcs_c0.01_s1" not in text
+    # with PGD-50 repeated on AutoAttack's images, the check reads it there: 0.53 is 1 point below 0.54, not listed
+    aa = json.loads((tmp_path / "runs" / "at/bcs_c0.01_s0" / "eval_aa.json").read_text())
+    aa["attacks"].update(pgd50={"accuracy": 0.53}, fgsm={"accuracy": 0.6})
+    aa["attacks"]["autoattack"]["after"].update({"apgd-t": 0.525})
+    (tmp_path / "runs" / "at/bcs_c0.01_s0" / "eval_aa.json").write_text(json.dumps(aa))
+    assert "at/bcs_c0.01_s0" not in "\n".join(masking_check(results))

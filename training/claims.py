@@ -30,8 +30,9 @@ MASKING_GAPS = ("fgsm-pgd50", "pgd50-pgd100", "pgd50-bb", "pgd50-autoattack")
 
 MASKING_NOTE = ("the paper's sign on WRN-28-4 (HYDRA 90%): FGSM 88.8 vs PGD-50 43.9 vs PGD-100 38.3 vs B&B 36.5 "
                 "(BCS: 70.0, 55.6, 55.1, 52.1); on every objective and sparsity, a gap measures how far a weaker "
-                "attack overrates the network, which masking causes but does not alone prove; PGD-50 is read on all "
-                "test images and B&B and AA on the first ones, so their gaps carry that subset's noise too")
+                "attack overrates the network, which masking causes but does not alone prove; each gap compares one "
+                "image set: FGSM − PGD-50 and PGD-50 − PGD-100 on all test images, PGD-50 − B&B and PGD-50 − AA on "
+                "AutoAttack's first ones (eval_aa.json repeats PGD-50 there)")
 
 
 @dataclasses.dataclass
@@ -51,11 +52,11 @@ class Claim:
 def by_seed(results, group, quantity):
     """``{seed: points}`` of an attack's accuracy, or of the gap ``"x-y"`` between two attacks, e.g.
     ``"fgsm-pgd50"``: a one-step attack far above a many-step one signals gradient masking. Each attack is read
-    where :class:`training.tables.Results` finds it (eval.json, else eval_aa.json on the first test images)."""
+    where :class:`training.tables.Results` finds it (eval.json, else eval_aa.json on the first test images); a
+    gap's two attacks from the one report that holds both."""
     if "-" not in quantity:
         return results.by_seed(group, quantity)
-    x, y = (results.by_seed(group, attack) for attack in quantity.split("-"))
-    return {seed: x[seed] - y[seed] for seed in sorted(x.keys() & y.keys())}
+    return results.gap_by_seed(group, *quantity.split("-"))
 
 
 def paired(results, a, b, attack):
@@ -235,12 +236,16 @@ SQUARE_GAP = 0.05  # the black-box Square finding this much more after APGD-CE a
 
 def masking_check(results):
     """Markdown lines on the runs with AutoAttack whose PGD numbers overrate them: AutoAttack more than
-    ``AA_GAP`` below PGD-50 (on the first images of the same test set), or Square taking more than
-    ``SQUARE_GAP`` after the two gradient attacks. Signs of gradient masking, run by run."""
+    ``AA_GAP`` below PGD-50 (on AutoAttack's images where its report repeats PGD-50, else on all test images), or
+    Square taking more than ``SQUARE_GAP`` after the two gradient attacks. Signs of gradient masking, run by run."""
     rows, checked = [], 0
     for rid in results.plan.runs:
-        aa, pgd = results.report(rid, "eval_aa"), results.value(rid, "pgd50")
-        if not aa or "autoattack" not in aa.get("attacks", {}) or pgd is None:
+        aa = results.report(rid, "eval_aa")
+        if not aa or "autoattack" not in aa.get("attacks", {}):
+            continue
+        same = aa["attacks"]
+        pgd = same["pgd50"]["accuracy"] if "pgd50" in same else results.value(rid, "pgd50")
+        if pgd is None:
             continue
         checked += 1
         after = aa["attacks"]["autoattack"].get("after", {})
@@ -248,7 +253,7 @@ def masking_check(results):
         value = aa["attacks"]["autoattack"]["accuracy"]
         if pgd - value > AA_GAP or square > SQUARE_GAP:
             parts = " → ".join(f"{100 * after[k]:.1f}" for k in ("clean", "apgd-ce", "apgd-t", "square") if k in after)
-            fgsm = results.value(rid, "fgsm")
+            fgsm = same["fgsm"]["accuracy"] if "fgsm" in same else results.value(rid, "fgsm")
             rows.append(f"| {rid} | {'—' if fgsm is None else f'{100 * fgsm:.1f}'} | {100 * pgd:.1f} | "
                         f"{100 * value:.1f} | {parts} |")
     lines = [f"{checked} runs with AutoAttack checked: a run is listed when AutoAttack lies more than "

@@ -13,7 +13,9 @@ SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
 SPARSITY_METHODS = ("fixed", "lottery", "lottery_rw0", "lottery_reinit", "bcs", "hydra")
 FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
 AA_ATTACKS = ("clean", "autoattack")  # eval_aa.json: AutoAttack (and the clean accuracy it starts from)
-BB_ATTACKS = ("bb",)  # added to eval_aa.json of the HYDRA table's runs: the BCS paper's B&B row
+# added to eval_aa.json of the HYDRA table's runs: the BCS paper's B&B row, and its FGSM and PGD rows again on
+# AutoAttack's images, so that every gradient-masking gap (PGD-50 − B&B, PGD-50 − AA) compares one image set
+BB_ATTACKS = ("fgsm", "pgd50", "pgd100", "bb")
 # relative cost of one epoch (AT PGD-10 on small_cnn = 1), for the ETA before the first run has finished
 OBJECTIVE_COST = {"natural": 0.25, "at": 1.0, "mat": 0.6, "trades": 1.4, "mart": 1.05}
 RUN_OVERHEAD = 0.6  # start-up, the final test PGD-20 on 10,000 images and the evaluation, in the same units
@@ -39,7 +41,7 @@ PRESETS = {
 class RunSpec:
     """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation
     (``attacks`` on the preset's ``eval_examples`` into eval.json; ``aa``: AutoAttack on ``aa_examples`` into
-    eval_aa.json, and with ``bb`` B&B on the same images)."""
+    eval_aa.json, and with ``bb`` B&B, FGSM, PGD-50 and PGD-100 on the same images)."""
 
     id: str
     flags: dict
@@ -134,7 +136,8 @@ class Plan:
 
     def run(self, objective, method, connectivity, seed, epochs=None, source=None, attacks=("clean", "pgd50"),
             tag="", bb=False, **extra):
-        """Plan one run (and return its id); ``bb``: B&B beside its AutoAttack, when it gets AutoAttack."""
+        """Plan one run (and return its id); ``bb``: B&B (and FGSM and PGD again) beside its AutoAttack, when it gets
+        AutoAttack."""
         name = method if connectivity >= 1 else f"{method}_c{connectivity:g}"
         rid = f"{objective}/{name}{tag}_s{seed}"
         flags = {"objective": objective, "method": method, "connectivity": connectivity, "dataset": self.dataset,

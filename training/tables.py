@@ -48,11 +48,32 @@ class Results:
                 return report["attacks"][attack]["accuracy"]
         return None
 
+    def in_one_report(self, rid, attacks):
+        """Accuracies (fractions) of run ``rid`` under ``attacks``, all from the first report that holds every one
+        of them (so on one set of test images), or None."""
+        for name in REPORTS:
+            found = (self.report(rid, name) or {}).get("attacks", {})
+            if all(a in found for a in attacks):
+                return [found[a]["accuracy"] for a in attacks]
+        return None
+
     def by_seed(self, group, attack):
         """``{seed: accuracy in %}`` of ``attack`` over the seeds of ``group`` that have it."""
+        return self._per_seed(group, lambda rid: self.value(rid, attack))
+
+    def gap_by_seed(self, group, x, y):
+        """``{seed: points}`` of attack ``x``'s accuracy minus attack ``y``'s, both from one report of each run:
+        a gap between attacks read on two image sets would carry the sets' difference as well."""
+        def gap(rid):
+            both = self.in_one_report(rid, (x, y))
+            return None if both is None else both[0] - both[1]
+
+        return self._per_seed(group, gap)
+
+    def _per_seed(self, group, fraction_of):
         values = {}
         for rid in self.groups.get(group, []):
-            value = self.value(rid, attack)
+            value = fraction_of(rid)
             if value is not None:
                 values[int(rid.rsplit("_s", 1)[1])] = 100 * value
         return values
@@ -130,7 +151,8 @@ def _header(results, title):
     n, n_aa = results.n_examples(), results.n_examples("eval_aa")
     seeds = len({rid.rsplit("_s", 1)[1] for rid in results.plan.runs})
     aa = (f"; AA = AutoAttack (in-graph APGD-CE → APGD-T → Square on the survivors) and, in the HYDRA table, B&B∞ "
-          f"(foolbox's Brendel & Bethge L∞) on the first {n_aa} test images" if n_aa else "")
+          f"(foolbox's Brendel & Bethge L∞) on the first {n_aa} test images (the HYDRA table's runs get FGSM and PGD "
+          "there too, so that claims.md's gradient-masking gaps compare attacks on one image set)" if n_aa else "")
     return [f"# {title}", "",
             f"{results.plan.dataset}, small_cnn, L∞ ε = {p['eps']}, training attack PGD-10; {seeds} seed(s) "
             f"(mean ± std; a cell that has only some of them so far says so: [n of {seeds} seeds]); accuracies in "
