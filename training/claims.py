@@ -231,6 +231,7 @@ def claims_summary(results, measured_claims):
     return lines
 
 
+AA_IMAGES_FIRST = ("eval_aa", "eval")  # an attack repeated on AutoAttack's images is compared with it there
 SQUARE_GAP = 0.05  # the black-box Square finding this much more after APGD-CE and APGD-T: gradients mislead
 
 
@@ -243,8 +244,7 @@ def masking_check(results):
         aa = results.report(rid, "eval_aa")
         if not aa or "autoattack" not in aa.get("attacks", {}):
             continue
-        same = aa["attacks"]
-        pgd = same["pgd50"]["accuracy"] if "pgd50" in same else results.value(rid, "pgd50")
+        pgd = results.value(rid, "pgd50", AA_IMAGES_FIRST)
         if pgd is None:
             continue
         checked += 1
@@ -253,7 +253,7 @@ def masking_check(results):
         value = aa["attacks"]["autoattack"]["accuracy"]
         if pgd - value > AA_GAP or square > SQUARE_GAP:
             parts = " → ".join(f"{100 * after[k]:.1f}" for k in ("clean", "apgd-ce", "apgd-t", "square") if k in after)
-            fgsm = same["fgsm"]["accuracy"] if "fgsm" in same else results.value(rid, "fgsm")
+            fgsm = results.value(rid, "fgsm", AA_IMAGES_FIRST)
             rows.append(f"| {rid} | {'—' if fgsm is None else f'{100 * fgsm:.1f}'} | {100 * pgd:.1f} | "
                         f"{100 * value:.1f} | {parts} |")
     lines = [f"{checked} runs with AutoAttack checked: a run is listed when AutoAttack lies more than "

@@ -40,18 +40,15 @@ class Results:
         """The parsed ``NAME.json`` of run ``rid``, or None."""
         return RunDir(self.runs_dir / rid).report(name)
 
-    def value(self, rid, attack):
-        """Accuracy (fraction) of run ``rid`` under ``attack``, or None."""
-        for name in REPORTS:
-            report = self.report(rid, name)
-            if report and attack in report.get("attacks", {}):
-                return report["attacks"][attack]["accuracy"]
-        return None
+    def value(self, rid, attack, reports=REPORTS):
+        """Accuracy (fraction) of run ``rid`` under ``attack`` from the first of ``reports`` that has it, or None."""
+        found = self.in_one_report(rid, (attack,), reports)
+        return None if found is None else found[0]
 
-    def in_one_report(self, rid, attacks):
-        """Accuracies (fractions) of run ``rid`` under ``attacks``, all from the first report that holds every one
-        of them (so on one set of test images), or None."""
-        for name in REPORTS:
+    def in_one_report(self, rid, attacks, reports=REPORTS):
+        """Accuracies (fractions) of run ``rid`` under ``attacks``, all from the first of ``reports`` that holds
+        every one of them (so on one set of test images), or None."""
+        for name in reports:
             found = (self.report(rid, name) or {}).get("attacks", {})
             if all(a in found for a in attacks):
                 return [found[a]["accuracy"] for a in attacks]
