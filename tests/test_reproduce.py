@@ -326,7 +326,7 @@ def test_a_killed_training_process_is_resumed_and_its_time_recorded(tmp_path, mo
     assert manifest.data["runs"][spec.id]["status"] == "failed"
 
 
-def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots(tmp_path):
+def test_a_collected_source_is_retrained_only_for_a_run_that_needs_more_than_its_archive(tmp_path):
     from training import jobs
     from training.plan import RunSpec, train_command
 
@@ -339,6 +339,10 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots
     (out / "runs" / dense.id).mkdir(parents=True)
     (out / "runs" / dense.id / "metrics.json").write_text("{}")
     (out / "runs" / dense.id / "eval.json").write_text(json.dumps({"attacks": {a: {} for a in dense.attacks}}))
+    assert jobs.run_states([dense], runs, out, manifest)[dense.id] == "collected"
+    # collected before archives existed: only its reports, so a run that starts from it needs it trained again
+    assert jobs.run_states([dense, fixed], runs, out, manifest)[dense.id] == "train"
+    (out / "runs" / dense.id / "network.npz").write_bytes(b"archived")
     assert jobs.run_states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
     assert jobs.run_states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
     archived = {dense.id: out / "runs" / dense.id}
@@ -348,6 +352,7 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_reads_its_snapshots
     # the plan asks for an attack the collected run's report lacks: its archived network is attacked in place
     # (and read as the source of the runs that start from it); without an archived network it is trained again
     more = dataclasses.replace(dense, attacks=dense.attacks + ("fgsm",))
+    (out / "runs" / dense.id / "network.npz").unlink()
     states = jobs.run_states([more, fixed], runs, out, manifest)
     assert states[dense.id] == "train"
     (out / "runs" / dense.id / "network.npz").write_bytes(b"archived")

@@ -191,7 +191,8 @@ def run_states(specs, runs_dir, out, manifest):
     its archived network in ``out`` is attacked, not trained again), ``evaluate``, ``resume`` or ``train``.
 
     A collected run is trained again only when a run still to be trained needs more of it than its archived
-    network (a rewound lottery ticket reads the source's epoch snapshots); the other runs start from the archive."""
+    network: a rewound lottery ticket reads the source's epoch snapshots, and a run collected before archives
+    existed has only its reports. The other runs start from the archive."""
     states = {}
     for spec in specs:
         run_dir, archived = runs_dir / spec.id, RunDir(out / "runs" / spec.id)
@@ -206,7 +207,8 @@ def run_states(specs, runs_dir, out, manifest):
     for spec in reversed(specs):  # sources come before the runs that start from them
         if states[spec.id] in ("resume", "train"):
             for dep in spec.deps:
-                if states[dep] in ARCHIVED and spec.needs_source_run:
+                if states[dep] in ARCHIVED and (spec.needs_source_run
+                                                or not RunDir(out / "runs" / dep).archive.is_file()):
                     states[dep] = "train"
     return states
 
