@@ -200,29 +200,19 @@ class Plan:
 
     def sparsity_table(self):
         """Wang et al.'s runs against sparsity: dense, Fixed, HYDRA, lottery tickets (and their controls), BCS,
-        natural pruning and inverse weights inheritance."""
-        p = self.p
+        natural pruning and inverse weights inheritance. Every seed of the extremes (99% and 90%) and of IWI comes
+        before the middle sparsities, so that a stopped reproduction has its most telling cells with all seeds."""
+        p, seeds = self.p, range(self.seeds)
         e = p["sparsity_epochs"]
-        lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
-        for seed in range(self.seeds):
-            dense = self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")
+        dense = {seed: self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_e{e}") for seed in seeds}
+        for seed in seeds:
             if p.get("matched"):  # Wang et al.'s "natural pruning": the mask and weights of a naturally trained
                 natural = self.run("natural", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")  # network, then AT
                 for c in (0.1, 0.01):
                     self.run("at", "fixed", c, seed, epochs=e, source=natural, tag=f"_natsrc_e{e}")
-            # the extremes first, so a stopped reproduction has the most telling cells
-            for s in sorted(SPARSITIES[1:], key=lambda s: (s not in (0.99, 0.9), -s)):
-                c = _conn(s)
-                self.run("at", "fixed", c, seed, epochs=e, source=dense, tag=f"_e{e}")
-                ticket = self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
-                self.run("at", "lottery", c, seed, epochs=e, source=ticket, tag=f"_reinit_e{e}", reinit=True)
-                if p.get("matched"):
-                    self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_rw0_e{e}", rewind_epoch=0,
-                             **lottery)
-                self.run("at", "bcs", c, seed, epochs=e, tag=f"_e{e}")
-                self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
-                if p.get("matched"):  # BCS for as many epochs as Fixed spends (dense pre-training included)
-                    self.run("at", "bcs", c, seed, epochs=2 * e, tag=f"_e{2 * e}")
+            for s in (0.99, 0.9):
+                self._sparsity_cells(s, seed, dense[seed])
+        for seed in seeds:
             if p.get("matched"):
                 self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_e{2 * e}")
             small = self.run("at", "bcs", 0.1, seed, epochs=e, tag=f"_e{e}")
@@ -230,7 +220,24 @@ class Plan:
             self.run("at", "dense", 1.0, seed, epochs=e, tag=f"_x2_e{e}", model="small_cnn_x2")
             if p.get("matched"):  # plain AT of the large network for IWI's total (small network + IWI)
                 self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_x2_e{2 * e}", model="small_cnn_x2")
+        for seed in seeds:
+            for s in sorted(set(SPARSITIES[1:]) - {0.99, 0.9}, reverse=True):
+                self._sparsity_cells(s, seed, dense[seed])
 
+    def _sparsity_cells(self, sparsity, seed, dense):
+        """The sparsity table's runs at one sparsity: Fixed, the lottery ticket and its controls, BCS, HYDRA."""
+        p, c = self.p, _conn(sparsity)
+        e = p["sparsity_epochs"]
+        lottery = {"prune_rounds": p["prune_rounds"], "round_epochs": p["round_epochs"]}
+        self.run("at", "fixed", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+        ticket = self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_e{e}", **lottery)
+        self.run("at", "lottery", c, seed, epochs=e, source=ticket, tag=f"_reinit_e{e}", reinit=True)
+        if p.get("matched"):
+            self.run("at", "lottery", c, seed, epochs=e, source=dense, tag=f"_rw0_e{e}", rewind_epoch=0, **lottery)
+        self.run("at", "bcs", c, seed, epochs=e, tag=f"_e{e}")
+        self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
+        if p.get("matched"):  # BCS for as many epochs as Fixed spends (dense pre-training included)
+            self.run("at", "bcs", c, seed, epochs=2 * e, tag=f"_e{2 * e}")
 
 def plan(tables, dataset, preset, seeds=None, full_eval=False, aa="preset"):
     """The :class:`Plan` of ``tables`` (``seeds`` None: the preset's). Across tables the runs come in the order of
