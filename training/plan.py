@@ -10,6 +10,7 @@ import sys
 TABLES = ("bcs", "hydra", "sparsity")
 BCS_OBJECTIVES = ("natural", "at", "mat", "trades", "mart")  # the rows of the BCS paper's tables
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+EXTREME_SPARSITIES = (0.99, 0.9)  # the sparsity table's most telling columns, run first for every seed
 SPARSITY_METHODS = ("fixed", "lottery", "lottery_rw0", "lottery_reinit", "bcs", "hydra")
 FULL_ATTACKS = ("clean", "fgsm", "pgd50", "pgd100", "autoattack", "bb")
 AA_ATTACKS = ("clean", "autoattack")  # eval_aa.json: AutoAttack (and the clean accuracy it starts from)
@@ -210,7 +211,7 @@ class Plan:
                 natural = self.run("natural", "dense", 1.0, seed, epochs=e, tag=f"_e{e}")  # network, then AT
                 for c in (0.1, 0.01):
                     self.run("at", "fixed", c, seed, epochs=e, source=natural, tag=f"_natsrc_e{e}")
-            for s in (0.99, 0.9):
+            for s in EXTREME_SPARSITIES:
                 self._sparsity_cells(s, seed, dense[seed])
         for seed in seeds:
             if p.get("matched"):
@@ -221,7 +222,7 @@ class Plan:
             if p.get("matched"):  # plain AT of the large network for IWI's total (small network + IWI)
                 self.run("at", "dense", 1.0, seed, epochs=2 * e, tag=f"_x2_e{2 * e}", model="small_cnn_x2")
         for seed in seeds:
-            for s in sorted(set(SPARSITIES[1:]) - {0.99, 0.9}, reverse=True):
+            for s in sorted(set(SPARSITIES[1:]) - set(EXTREME_SPARSITIES), reverse=True):
                 self._sparsity_cells(s, seed, dense[seed])
 
     def _sparsity_cells(self, sparsity, seed, dense):
@@ -238,6 +239,7 @@ class Plan:
         self.run("at", "hydra", c, seed, epochs=e, source=dense, tag=f"_e{e}")
         if p.get("matched"):  # BCS for as many epochs as Fixed spends (dense pre-training included)
             self.run("at", "bcs", c, seed, epochs=2 * e, tag=f"_e{2 * e}")
+
 
 def plan(tables, dataset, preset, seeds=None, full_eval=False, aa="preset"):
     """The :class:`Plan` of ``tables`` (``seeds`` None: the preset's). Across tables the runs come in the order of
