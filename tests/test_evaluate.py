@@ -320,3 +320,16 @@ def test_the_run_layers_attack_names_are_the_evaluators():
         assert callable(ev.resolve(name))
     with pytest.raises(Exception, match="unknown attack"):
         ev.resolve("fab")
+
+
+def test_in_graph_square_attacks_a_batch_of_one():
+    # The full preset's mixed-batch AT Fixed 99% evaluation failed here: with one survivor, the model's unknown
+    # batch size broadcast against the batch of one changed the loop variables' shapes inside tf.while_loop.
+    from bcs_tf.robustness.square import SquareAttack
+
+    model, x, y = _model(masked=False)
+    ev = Evaluator(model, eps=0.3, num_classes=10, batch_size=64, square_queries=100, verbose=0, square="tf")
+    x_adv = SquareAttack(ev.predict, 0.3, n_queries=100, chunk=40)(x[:1], y[:1])
+    assert x_adv.shape == x[:1].shape and np.abs(x_adv - x[:1]).max() <= 0.3 + 1e-6
+    acc, _ = ev.run("square", x[:1], y[:1])
+    assert acc in (0.0, 1.0)

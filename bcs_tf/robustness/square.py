@@ -88,7 +88,10 @@ class SquareAttack:
         def more(i, x_best, m_best):
             return (i < stop) & tf.reduce_any(m_best > 0)
 
-        _, x_best, m_best = tf.while_loop(more, body, (start, x_best, m_best))
+        # The model's output may have an unknown batch size; broadcast against a batch of one, it would change the
+        # loop variables' static shapes after one iteration, so they are declared batch-free.
+        invariants = (start.shape, tf.TensorShape([None, h, w, c]), tf.TensorShape([None]))
+        _, x_best, m_best = tf.while_loop(more, body, (start, x_best, m_best), shape_invariants=invariants)
         return x_best, m_best
 
     def __call__(self, x, y):
