@@ -130,3 +130,22 @@ def test_a_run_whose_gradients_mislead_the_attacks_is_listed_and_a_sound_one_is_
     aa["attacks"]["autoattack"]["after"].update({"apgd-t": 0.525})
     (tmp_path / "runs" / "at/bcs_c0.01_s0" / "eval_aa.json").write_text(json.dumps(aa))
     assert "at/bcs_c0.01_s0" not in "\n".join(masking_check(results))
+
+
+def test_a_drop_that_the_learned_topologies_share_is_not_read_as_randoms_collapse(tmp_path):
+    # small_cnn under natural training at 99%: Random 4 points below dense, and BCS and Fixed just as far.
+    the_plan = plan(("bcs",), "fashion_mnist", "quick", seeds=3)
+    clean = {"natural/dense": [92.2, 92.4, 92.3], "natural/random_c0.01": [88.0, 88.5, 88.1],
+             "natural/bcs_c0.01": [88.1, 88.3, 88.0], "natural/fixed_c0.01": [88.3, 88.6, 88.2]}
+    for group, values in clean.items():
+        for seed, value in enumerate(values):
+            run = tmp_path / "runs" / f"{group}_s{seed}"
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
+                "clean": {"accuracy": value / 100}, "pgd50": {"accuracy": 0.0}}}))
+    text = write_claims(Results(the_plan, tmp_path / "runs"), ("bcs",), tmp_path / "claims.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit("| ", 1)[-1]
+            for line in text.splitlines() if line.startswith("| natural training 99%") and " vs " in line.split(" | ")[2]}
+    assert rows == {"natural training 99%: Random collapses, below dense (dense − Random, clean)": "held",
+                    "natural training 99%: Random collapses, below BCS (BCS − Random, clean)": "not shown",
+                    "natural training 99%: Random collapses, below Fixed (Fixed − Random, clean)": "not shown"}
