@@ -292,7 +292,10 @@ def write_claims(results, tables, path):
     n = results.n_examples()
     n_aa = results.n_examples("eval_aa")
     claims = all_claims(results, tables)
-    notes = [f"- {c.text}: {c.note}" for c in claims if c.note]
+    notes = {}
+    for c in claims:  # a note shared by several claims is given once, with the first of them
+        if c.note:
+            notes.setdefault(c.note, f"- {c.text}: {c.note}")
     lines = ["# The papers' claims, measured", "",
              f"{results.plan.dataset}, small_cnn. Paired differences A − B in accuracy points, seed by seed (same "
              f"initialisation seed and data order), mean and Student-t 95% interval; clean and PGD-50 on {n} test "
@@ -304,7 +307,7 @@ def write_claims(results, tables, path):
     lines += ["## Every attack, with its runs", ""]
     lines += claims_table(results, measured)
     if notes:
-        lines += ["", "Notes:", *dict.fromkeys(notes)]
+        lines += ["", "Notes:", *notes.values()]
     lines += ["", "## Gradient-masking check", ""] + masking_check(results)
     atomic_write(path, "\n".join(lines) + "\n")
     return path
