@@ -144,8 +144,8 @@ def test_a_drop_that_the_learned_topologies_share_is_not_read_as_randoms_collaps
             (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
                 "clean": {"accuracy": value / 100}, "pgd50": {"accuracy": 0.0}}}))
     text = write_claims(Results(the_plan, tmp_path / "runs"), ("bcs",), tmp_path / "claims.md").read_text()
-    rows = {line.split(" | ")[0].lstrip("| "): line.rstrip(" |").rsplit("| ", 1)[-1]
-            for line in text.splitlines() if line.startswith("| natural training 99%") and " vs " in line.split(" | ")[2]}
+    summary = [line.split(" | ") for line in text.splitlines() if line.startswith("| natural training 99%")]
+    rows = {cells[0].lstrip("| "): cells[-1].rstrip(" |") for cells in summary if " vs " in cells[2]}
     assert rows == {"natural training 99%: Random collapses, below dense (dense − Random, clean)": "held",
                     "natural training 99%: Random collapses, below BCS (BCS − Random, clean)": "not shown",
                     "natural training 99%: Random collapses, below Fixed (Fixed − Random, clean)": "not shown"}
