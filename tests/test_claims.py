@@ -9,15 +9,20 @@ from training.plan import plan
 from training.tables import Results, write_tables
 
 
+def _report(tmp_path, rid, accuracies, name="eval", n=10000):
+    """Write run ``rid``'s report ``name``.json under tmp_path/runs with the given accuracies (%)."""
+    run = tmp_path / "runs" / rid
+    run.mkdir(parents=True, exist_ok=True)
+    (run / f"{name}.json").write_text(json.dumps({"n_examples": n, "attacks": {
+        attack: {"accuracy": value / 100} for attack, value in accuracies.items()}}))
+
+
 def _results(tmp_path, bcs, fixed, seeds=3):
     """Results of the quick plan where at/bcs_c0.01 and at/fixed_c0.01 have the given PGD-50 accuracies (%)."""
     the_plan = plan(("bcs",), "fashion_mnist", "quick", seeds=seeds)
     for group, values in (("at/bcs_c0.01", bcs), ("at/fixed_c0.01", fixed)):
         for seed, value in enumerate(values):
-            run = tmp_path / "runs" / f"{group}_s{seed}"
-            run.mkdir(parents=True)
-            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
-                "pgd50": {"accuracy": value / 100}, "clean": {"accuracy": 0.8}}}))
+            _report(tmp_path, f"{group}_s{seed}", {"pgd50": value, "clean": 80.0})
     return the_plan, Results(the_plan, tmp_path / "runs")
 
 
@@ -77,10 +82,7 @@ def test_a_masking_claim_compares_the_gap_between_two_attacks_seed_by_seed(tmp_p
     for group, fgsm, pgd in (("at/hydra_c0.01", [80.0, 79.0, 81.0], [70.0, 69.0, 71.0]),
                              ("at/bcs_c0.01", [70.0, 69.5, 70.5], [65.0, 64.5, 65.5])):
         for seed, (f, g) in enumerate(zip(fgsm, pgd)):
-            run = tmp_path / "runs" / f"{group}_s{seed}"
-            run.mkdir(parents=True)
-            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
-                "fgsm": {"accuracy": f / 100}, "pgd50": {"accuracy": g / 100}, "pgd100": {"accuracy": g / 100}}}))
+            _report(tmp_path, f"{group}_s{seed}", {"fgsm": f, "pgd50": g, "pgd100": g})
     results = Results(the_plan, tmp_path / "runs")
     n, mean, low, high = paired(results, "at/hydra_c0.01", "at/bcs_c0.01", "fgsm-pgd50")
     assert (n, mean, low, high) == (3, pytest.approx(5.0), pytest.approx(5.0), pytest.approx(5.0))
@@ -97,14 +99,11 @@ def test_a_gap_with_an_attack_run_on_fewer_images_is_read_on_those_images_only(t
     the_plan = plan(("hydra",), "fashion_mnist", "quick", seeds=3)
     for group, pgd_all, pgd_first, bb in (("at/hydra_c0.01", 70.0, 66.0, 64.0), ("at/bcs_c0.01", 72.0, 73.0, 72.0)):
         for seed in range(3):
-            run = tmp_path / "runs" / f"{group}_s{seed}"
-            run.mkdir(parents=True)
-            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
-                "pgd50": {"accuracy": pgd_all / 100}}}))
-            first = {"pgd50": {"accuracy": pgd_first / 100}, "bb": {"accuracy": bb / 100}}
+            _report(tmp_path, f"{group}_s{seed}", {"pgd50": pgd_all})
+            first = {"pgd50": pgd_first, "bb": bb}
             if seed == 2:  # a report without PGD-50 on these images: no gap of this seed
                 first.pop("pgd50")
-            (run / "eval_aa.json").write_text(json.dumps({"n_examples": 1000, "attacks": first}))
+            _report(tmp_path, f"{group}_s{seed}", first, name="eval_aa", n=1000)
     results = Results(the_plan, tmp_path / "runs")
     assert results.gap_by_seed("at/hydra_c0.01", "pgd50", "bb") == {0: pytest.approx(2.0), 1: pytest.approx(2.0)}
     n, mean, low, high = paired(results, "at/hydra_c0.01", "at/bcs_c0.01", "pgd50-bb")
@@ -139,10 +138,7 @@ def test_a_drop_that_the_learned_topologies_share_is_not_read_as_randoms_collaps
              "natural/bcs_c0.01": [88.1, 88.3, 88.0], "natural/fixed_c0.01": [88.3, 88.6, 88.2]}
     for group, values in clean.items():
         for seed, value in enumerate(values):
-            run = tmp_path / "runs" / f"{group}_s{seed}"
-            run.mkdir(parents=True)
-            (run / "eval.json").write_text(json.dumps({"n_examples": 10000, "attacks": {
-                "clean": {"accuracy": value / 100}, "pgd50": {"accuracy": 0.0}}}))
+            _report(tmp_path, f"{group}_s{seed}", {"clean": value, "pgd50": 0.0})
     text = write_claims(Results(the_plan, tmp_path / "runs"), ("bcs",), tmp_path / "claims.md").read_text()
     summary = [line.split(" | ") for line in text.splitlines() if line.startswith("| natural training 99%")]
     rows = {cells[0].lstrip("| "): cells[-1].rstrip(" |") for cells in summary if " vs " in cells[2]}
