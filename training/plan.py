@@ -112,7 +112,7 @@ class Plan:
     value (see :func:`plan`)."""
 
     def __init__(self, dataset, preset, seeds, full_eval, aa="preset"):
-        self.dataset, self.p, self.full_eval = dataset, dict(PRESETS[preset]), full_eval
+        self.dataset, self.preset, self.p, self.full_eval = dataset, preset, dict(PRESETS[preset]), full_eval
         if aa == "99":  # e.g. the full preset's 99% models, which its own settings do not attack with AutoAttack
             self.p.setdefault("aa_examples", AA_DEFAULT_EXAMPLES)
         self.aa = "none" if not self.p.get("aa_examples") else aa

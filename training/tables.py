@@ -281,8 +281,9 @@ def sparsity_figure(results, path):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     seeds = len({rid.rsplit("_s", 1)[1] for rid in results.plan.runs})
-    fig.suptitle(f"{results.plan.dataset}, small_cnn, standard AT, {e} epochs per phase, {seeds} seed(s) "
-                 f"(mean ± std), n = {results.n_examples()} test images; y-axes do not start at 0", fontsize=10)
+    fig.suptitle(f"{results.plan.dataset}, {results.plan.preset} preset, small_cnn, standard AT, {e} epochs per "
+                 f"phase, {seeds} seed(s) (mean ± std), n = {results.n_examples()} test images; y-axes do not start "
+                 "at 0", fontsize=10)
     fig.tight_layout(rect=(0, 0.14, 1, 1))  # the legend gets the bottom strip, off the data
     save_figure(fig, path, layout=False)
 
