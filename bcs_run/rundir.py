@@ -48,6 +48,10 @@ class RunDir:
     checkpoint = property(lambda self: self.path / self.CHECKPOINT)
     phases = property(lambda self: self.path / self.PHASES)
 
+    def snapshot(self, epoch):
+        """The network's weights kept after ``epoch`` (0 = before training), for lottery rewinding."""
+        return self.path / self.SNAPSHOTS / f"epoch_{epoch}.weights.h5"
+
     def report(self, name="eval"):
         """The parsed ``NAME.json`` of ``training.evaluate --name NAME``, or None when missing or unreadable."""
         return self.read_json(f"{name}.json")

@@ -1,6 +1,7 @@
 """The baselines that start from another run: fixed, HYDRA, lottery tickets (+ re-init control) and IWI."""
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -15,6 +16,7 @@ from bcs_tf.masks import kernels, magnitude_masks, static_masked_network, transf
 from bcs_tf.models import build_model
 from bcs_tf.objectives import make_objective
 from bcs_run.config import RunConfig
+from bcs_run.rundir import RunDir
 from training.run import main
 
 from conftest import TINY_RUN  # noqa: E402
@@ -228,6 +230,22 @@ def test_lottery_rewinds_survivors_to_the_early_weights(tmp_path, dense_run):
         np.testing.assert_allclose(k_r[mask], np.where(np.abs(w_early[layer_r.name][mask]) < 1e-12,
                                                        np.sign(w_early[layer_r.name][mask]) * 1e-12,
                                                        w_early[layer_r.name][mask]), rtol=0, atol=1e-12)
+
+
+def test_a_ticket_rewinds_from_a_collected_source_as_from_its_run_directory(tmp_path, dense_run):
+    # what training.reproduce keeps of a source on a new machine: its archive, metrics and rewind-epoch weights
+    from training.archive import main as archive
+
+    collected = RunDir(tmp_path / "collected")
+    assert archive([str(dense_run), "--out", str(tmp_path / "network.npz")]) == 0
+    collected.snapshot(1).parent.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "network.npz", collected.archive)
+    shutil.copyfile(RunDir(dense_run).metrics, collected.metrics)
+    shutil.copyfile(RunDir(dense_run).snapshot(1), collected.snapshot(1))
+    from_run = _lottery_start(tmp_path / "a", dense_run).net
+    from_archive = _lottery_start(tmp_path / "b", collected.path).net
+    for a, b in zip(sparse_layers(from_run), sparse_layers(from_archive)):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a.kernel), keras.ops.convert_to_numpy(b.kernel))
 
 
 def _masks_and_kernels(run_dir):

@@ -17,6 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+from bcs_run.rundir import RunDir
 from training.plan import plan
 from training.reproduce import main
 
@@ -56,6 +57,9 @@ def test_plan_puts_every_source_run_before_the_runs_that_start_from_it():
     for rid, spec in the_plan.runs.items():
         if spec.flags.get("reinit"):
             assert spec.deps == (rid.replace("_reinit", ""),)
+    # the sources of rewound tickets keep the weights of the epochs they rewind to (1, and 0 for the control)
+    kept = {rid: spec.snapshots for rid, spec in the_plan.runs.items() if spec.snapshots}
+    assert kept == {f"at/dense_e3_s{s}": (0, 1) for s in (0, 1)}, kept
     # compute-matched controls train as long as Fixed in all
     assert the_plan.runs["at/bcs_c0.01_e10_s0"].flags["epochs"] == 2 * the_plan.runs["at/bcs_c0.01_s0"].flags["epochs"]
 
@@ -348,6 +352,13 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_needs_more_than_its
     (out / "runs" / dense.id / "network.npz").write_bytes(b"archived")
     assert jobs.run_states([dense, fixed], runs, out, manifest)[dense.id] == "collected"
     assert jobs.run_states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "train"
+    # a collected source that kept the weights of the ticket's rewind epoch serves it as it is
+    RunDir(out / "runs" / dense.id).snapshot(1).parent.mkdir()
+    RunDir(out / "runs" / dense.id).snapshot(1).write_bytes(b"epoch 1")
+    assert jobs.run_states([dense, fixed, rewound], runs, out, manifest)[dense.id] == "collected"
+    rewound0 = dataclasses.replace(rewound, id="at/lottery_rw0_s0", flags={**rewound.flags, "rewind_epoch": 0})
+    assert jobs.run_states([dense, rewound, rewound0], runs, out, manifest)[dense.id] == "train"
+    RunDir(out / "runs" / dense.id).snapshot(1).unlink()
     archived = {dense.id: out / "runs" / dense.id}
     assert str(out / "runs" / dense.id) in train_command(fixed, runs, archived)
     assert str(runs / dense.id) in train_command(fixed, runs)
@@ -365,6 +376,28 @@ def test_a_collected_source_is_retrained_only_for_a_run_that_needs_more_than_its
     assert str(out / "runs" / dense.id) in worker.commands(more)[1]["eval"]
     assert str(out / "runs" / dense.id) in worker.commands(fixed)[0]
     assert jobs.run_states([more, fixed, rewound], runs, out, manifest)[dense.id] == "train"
+
+
+def test_collecting_a_source_keeps_the_epochs_its_planned_tickets_rewind_to(tmp_path):
+    from training import jobs
+    from training.plan import RunSpec
+
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    run = RunDir(runs / "at/dense_s0")
+    run.path.mkdir(parents=True)
+    run.write_json(RunDir.METRICS, {"train_seconds": 1.0, "wall_seconds": 2.0})
+    run.archive.write_bytes(b"network")
+    for epoch in (0, 1, 2):
+        run.snapshot(epoch).parent.mkdir(exist_ok=True)
+        run.snapshot(epoch).write_bytes(f"epoch {epoch}".encode())
+    run.mark_complete()
+    manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
+    spec = RunSpec("at/dense_s0", {"method": "dense", "epochs": 3}, snapshots=(0, 1))
+    jobs.collect(spec, runs, out, manifest, ["python", "-m", "training.run"], {})
+    kept = RunDir(out / "runs/at/dense_s0")
+    assert kept.archive.read_bytes() == b"network"
+    assert sorted(p.name for p in kept.snapshot(0).parent.iterdir()) == ["epoch_0.weights.h5", "epoch_1.weights.h5"]
+    assert kept.snapshot(1).read_bytes() == b"epoch 1"
 
 
 def test_the_eta_counts_a_re_evaluated_run_by_the_attacks_it_lacks(tmp_path):

@@ -52,21 +52,21 @@ class ConnectivityLog(keras.callbacks.Callback):
 class Snapshots(keras.callbacks.Callback):
     """Save the network's weights before training (epoch 0) and after the listed epochs (lottery rewinding)."""
 
-    def __init__(self, directory, epochs):
+    def __init__(self, run_dir, epochs):
         super().__init__()
-        self.directory = pathlib.Path(directory)
+        self.run = RunDir(run_dir)
         self.epochs = set(epochs)
 
     def save(self, epoch):
-        """Save the weights as ``epoch_EPOCH.weights.h5`` if ``epoch`` is one of the listed ones."""
+        """Save the weights as the run's snapshot of ``epoch`` if it is one of the listed ones."""
         if epoch in self.epochs:
             check_before_save(self.model, f"the snapshot of epoch {epoch}")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            write_h5(self.directory / f"epoch_{epoch}.weights.h5", self.model.net.save_weights,
-                     self.model.net.weights)
+            path = self.run.snapshot(epoch)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_h5(path, self.model.net.save_weights, self.model.net.weights)
 
     def on_train_begin(self, logs=None):
-        if not (self.directory / "epoch_0.weights.h5").exists():
+        if not self.run.snapshot(0).exists():
             self.save(0)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -168,7 +168,7 @@ def _fit(trainer, cfg, data, directory, epochs, lr, verbose, select_best, snapsh
     if sparse_layers(trainer.net):
         callbacks.insert(1, ConnectivityLog())
     if snapshots:
-        callbacks.append(Snapshots(directory / RunDir.SNAPSHOTS, snapshots))
+        callbacks.append(Snapshots(directory, snapshots))
     if max_steps is not None:
         callbacks.append(StopAfterSteps(max_steps))
     initial_epoch = state["epoch"] if state else 0

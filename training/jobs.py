@@ -190,9 +190,10 @@ def run_states(specs, runs_dir, out, manifest):
     not here, e.g. on a new machine), ``re-evaluate`` (collected, but the plan asks for attacks its reports lack:
     its archived network in ``out`` is attacked, not trained again), ``evaluate``, ``resume`` or ``train``.
 
-    A collected run is trained again only when a run still to be trained needs more of it than its archived
-    network: a rewound lottery ticket reads the source's epoch snapshots, and a run collected before archives
-    existed has only its reports. The other runs start from the archive."""
+    A collected run is trained again only when a run still to be trained needs more of it than ``out`` keeps: a
+    run collected before archives existed has only its reports, and a rewound lottery ticket reads the source's
+    weights of an early epoch, which only runs collected with their :attr:`RunSpec.snapshots` keep. The other runs
+    start from the archive."""
     states = {}
     for spec in specs:
         run_dir, archived = runs_dir / spec.id, RunDir(out / "runs" / spec.id)
@@ -207,13 +208,19 @@ def run_states(specs, runs_dir, out, manifest):
     for spec in reversed(specs):  # sources come before the runs that start from them
         if states[spec.id] in ("resume", "train"):
             for dep in spec.deps:
-                if states[dep] in ARCHIVED and (spec.needs_source_run
-                                                or not RunDir(out / "runs" / dep).archive.is_file()):
+                if states[dep] in ARCHIVED and not _serves(RunDir(out / "runs" / dep), spec):
                     states[dep] = "train"
     return states
 
 
 ARCHIVED = ("collected", "re-evaluate")  # the states of a run whose network is read from ``out``
+
+
+def _serves(collected, spec):
+    """Whether the collected run ``collected`` holds what ``spec`` reads of its source: the archived network and, for
+    a rewound lottery ticket, the weights of its rewind epoch."""
+    return collected.archive.is_file() and (spec.rewind_epoch is None
+                                            or collected.snapshot(spec.rewind_epoch).is_file())
 
 
 def run_seconds(entry):
@@ -451,8 +458,9 @@ def _display(cmd):
 
 
 def collect(spec, runs_dir, out, manifest, train_cmd, evals):
-    """Copy the run's metrics, evaluations and archived network into ``out/runs/ID`` (a run re-evaluated there
-    has them already) and record the run in the manifest."""
+    """Copy the run's metrics, evaluations, archived network and the epoch snapshots that planned lottery tickets
+    rewind to into ``out/runs/ID`` (a run re-evaluated there has them already) and record the run in the
+    manifest."""
     run_dir, dest = runs_dir / spec.id, out / "runs" / spec.id
     copied = RunDir(run_dir).is_complete()
     if copied:
@@ -461,6 +469,10 @@ def collect(spec, runs_dir, out, manifest, train_cmd, evals):
         for path in [run.metrics, run.archive, *run_dir.glob("eval*.json"), *run_dir.glob("eval*.md")]:
             if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
                 shutil.copyfile(path, dest / path.name)
+        for epoch in spec.snapshots:  # a new machine rewinds from these rather than training the source again
+            if run.snapshot(epoch).is_file():  # else the ticket's own check names the missing epoch
+                RunDir(dest).snapshot(epoch).parent.mkdir(exist_ok=True)
+                shutil.copyfile(run.snapshot(epoch), RunDir(dest).snapshot(epoch))
     metrics = json.loads(RunDir(dest).metrics.read_text())
     entry = manifest.data["runs"].get(spec.id, {})
     manifest.record(spec.id, status="finished",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from bcs_run.config import RunConfig
+
 TABLES = ("bcs", "hydra", "sparsity")
 BCS_OBJECTIVES = ("natural", "at", "mat", "trades", "mart")  # the rows of the BCS paper's tables
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
@@ -42,7 +44,8 @@ PRESETS = {
 class RunSpec:
     """One training run: its id (its directory under the runs dir), flags, dependencies and evaluation
     (``attacks`` on the preset's ``eval_examples`` into eval.json; ``aa``: AutoAttack on ``aa_examples`` into
-    eval_aa.json, and with ``bb`` B&B, FGSM, PGD-50 and PGD-100 on the same images)."""
+    eval_aa.json, and with ``bb`` B&B, FGSM, PGD-50 and PGD-100 on the same images) and the epoch ``snapshots`` its
+    collected copy keeps."""
 
     id: str
     flags: dict
@@ -50,6 +53,7 @@ class RunSpec:
     attacks: tuple = ("clean", "pgd50")
     aa: bool = False
     bb: bool = False
+    snapshots: tuple = ()  # epochs whose kept weights its collected copy holds: planned lottery tickets rewind to them
 
     @property
     def reports(self):
@@ -59,10 +63,12 @@ class RunSpec:
         return {"eval": self.attacks, "eval_aa": AA_ATTACKS + (BB_ATTACKS if self.bb else ())}
 
     @property
-    def needs_source_run(self):
-        """Whether ``--from`` must be a whole run directory: a rewound lottery ticket reads its epoch snapshots;
-        every other method reads only the source's finished network, which its archive holds."""
-        return self.flags["method"] == "lottery" and not self.flags.get("reinit")
+    def rewind_epoch(self):
+        """The epoch of ``--from`` whose kept weights a rewound lottery ticket reads, else None: every other method
+        reads only the source's finished network."""
+        if self.flags["method"] != "lottery" or self.flags.get("reinit"):
+            return None
+        return self.flags.get("rewind_epoch", RunConfig.rewind_epoch)
 
     @property
     def total_epochs(self):
@@ -130,6 +136,9 @@ class Plan:
         for dep in spec.deps:
             if dep not in self.runs:
                 raise AssertionError(f"{spec.id} depends on {dep}, which is not planned before it")
+        if spec.rewind_epoch is not None:
+            source = self.runs[spec.deps[0]]
+            source.snapshots = tuple(sorted(set(source.snapshots) | {spec.rewind_epoch}))
         if self.full_eval:
             spec.attacks = tuple(dict.fromkeys(spec.attacks + FULL_ATTACKS))
         self.runs[spec.id] = spec

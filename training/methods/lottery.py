@@ -9,10 +9,9 @@ initialisation (Frankle & Carbin's random re-initialisation control), so the two
 
 from __future__ import annotations
 
-import pathlib
-
 from keras import ops
 
+from bcs_run.rundir import RunDir
 from bcs_tf.errors import ConfigError
 from bcs_tf.layers import sparse_layers
 from bcs_tf.masks import imp_connectivities, static_masked_network
@@ -20,11 +19,6 @@ from training.methods.base import Method, Start, read_dense_source, read_source
 from training.methods.fixed import prune_by_magnitude
 
 REINIT_SEED_OFFSET = 7777  # the fresh initialisation of --reinit is not the dense run's own (seed + 0)
-
-
-def snapshot_path(run_dir, epoch):
-    """Where ``training.run`` keeps the network weights of ``epoch`` (0 = before training)."""
-    return pathlib.Path(run_dir) / "snapshots" / f"epoch_{epoch}.weights.h5"
 
 
 def ticket_masks(net, ticket):
@@ -43,7 +37,7 @@ class Lottery(Method):
         if cfg.reinit:
             return self._check_ticket(cfg, input_shape)
         source = read_dense_source(cfg, input_shape)
-        if not snapshot_path(cfg.from_run, cfg.rewind_epoch).is_file():
+        if not RunDir(cfg.from_run).snapshot(cfg.rewind_epoch).is_file():
             raise ConfigError(f"--rewind-epoch: {cfg.from_run} kept no weights of epoch {cfg.rewind_epoch} "
                               f"(it kept epochs {source.snapshots}; see --snapshot-epochs)")
         return source
@@ -71,7 +65,7 @@ class Lottery(Method):
             return Start(net, allocation, "random", cfg.lr, {"from": cfg.from_run,
                                                              "restart": "fresh initialisation of the ticket's masks"})
         early = ctx.build("dense", 1.0, precision="float32")[0]
-        early.load_weights(snapshot_path(cfg.from_run, cfg.rewind_epoch))
+        early.load_weights(RunDir(cfg.from_run).snapshot(cfg.rewind_epoch))
         ranked = ctx.source_model()  # round 1 ranks the trained dense weights
         rounds = imp_connectivities(cfg.connectivity, cfg.prune_rounds)
         for r, connectivity in enumerate(rounds, start=1):
