@@ -258,12 +258,15 @@ def sparsity_figure(results, path):
     e = p["sparsity_epochs"]
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 5.6))
     conns = np.array([_conn_of(s) for s in SPARSITIES[1:]])
+    counts = set()  # seeds behind each point: while the job runs, points of fewer seeds have narrower (or no) bars
     for ax, attack, title in ((axes[0], "pgd50", "robust accuracy (PGD-50)"), (axes[1], "clean", "clean accuracy")):
         dense = results.by_seed(sparsity_group("dense", 0, e), attack)
         if dense:
             ax.axhline(np.mean(list(dense.values())), color="k", ls="--", lw=1, label=f"dense ({e} epochs)")
+            counts.add(len(dense))
         for method in SPARSITY_METHODS:
             stats = [list(results.by_seed(sparsity_group(method, s, e), attack).values()) for s in SPARSITIES[1:]]
+            counts.update(len(v) for v in stats if v)
             mean = np.array([np.mean(v) if v else np.nan for v in stats])
             std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in stats])
             ax.errorbar(conns, mean, yerr=std, marker="o", ms=4, capsize=3, label=SPARSITY_LABELS[method])
@@ -280,9 +283,9 @@ def sparsity_figure(results, path):
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    seeds = len({rid.rsplit("_s", 1)[1] for rid in results.plan.runs})
+    seeds = f"{min(counts)}–{max(counts)} seeds a point" if len(counts) > 1 else f"{max(counts, default=0)} seed(s)"
     fig.suptitle(f"{results.plan.dataset}, {results.plan.preset} preset, small_cnn, standard AT, {e} epochs per "
-                 f"phase, {seeds} seed(s) (mean ± std), n = {results.n_examples()} test images; y-axes do not start "
+                 f"phase, {seeds} (mean ± std), n = {results.n_examples()} test images; y-axes do not start "
                  "at 0", fontsize=10)
     fig.tight_layout(rect=(0, 0.14, 1, 1))  # the legend gets the bottom strip, off the data
     save_figure(fig, path, layout=False)
