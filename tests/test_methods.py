@@ -214,7 +214,7 @@ def _lottery_start(tmp_path, dense_run):
 
 def test_lottery_rewinds_survivors_to_the_early_weights(tmp_path, dense_run):
     early, _ = build_model("small_cnn", "dense", 1.0, input_shape=(28, 28, 1))
-    early.load_weights(dense_run / "snapshots" / "epoch_1.weights.h5")
+    early.load_weights(RunDir(dense_run).snapshot(1))
     final, _ = build_model("small_cnn", "dense", 1.0, input_shape=(28, 28, 1))
     final.load_weights(dense_run / "best.weights.h5")
     w_early, w_final = kernels(early), kernels(final)

@@ -470,9 +470,10 @@ def collect(spec, runs_dir, out, manifest, train_cmd, evals):
             if path.is_file():  # eval.json, and any extra report such as eval_aa.json (training.evaluate --name)
                 shutil.copyfile(path, dest / path.name)
         for epoch in spec.snapshots:  # a new machine rewinds from these rather than training the source again
+            kept = RunDir(dest).snapshot(epoch)
             if run.snapshot(epoch).is_file():  # else the ticket's own check names the missing epoch
-                RunDir(dest).snapshot(epoch).parent.mkdir(exist_ok=True)
-                shutil.copyfile(run.snapshot(epoch), RunDir(dest).snapshot(epoch))
+                kept.parent.mkdir(exist_ok=True)
+                shutil.copyfile(run.snapshot(epoch), kept)
     metrics = json.loads(RunDir(dest).metrics.read_text())
     entry = manifest.data["runs"].get(spec.id, {})
     manifest.record(spec.id, status="finished",
