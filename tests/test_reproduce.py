@@ -429,7 +429,7 @@ def test_bad_reproduce_flags_give_one_line(tmp_path, capsys, argv, needle):
     assert not (tmp_path / "r").exists()
 
 
-def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path, monkeypatch, capsys):
+def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes_and_evaluation(tmp_path, monkeypatch, capsys):
     from training import jobs
 
     the_plan = plan(("bcs",), "synthetic", "smoke", seeds=1, full_eval=False)
@@ -438,7 +438,7 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
     (runs / first.id).mkdir(parents=True)
     (runs / first.id / "config.json").write_text("{}")  # a stopped run: resumed
     manifest = jobs.Manifest(out / "manifest.json", {"preset": "smoke"})
-    manifest.record(first.id, status="stopped", process_seconds=3000.0)
+    manifest.record(first.id, status="stopped", process_seconds=3000.0, eval_seconds=600.0)
 
     def finish_instantly(cmd, log, tick=None, threads=None):  # the resumed process ends at once: its cost came before
         run_dir = pathlib.Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else pathlib.Path(cmd[3])
@@ -455,7 +455,7 @@ def test_the_eta_after_a_resumed_run_counts_that_runs_earlier_processes(tmp_path
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[2/"))
     eta_minutes = float(line.rsplit("≈", 1)[1].split()[0])
     rest = sum(spec.cost for spec in list(the_plan.runs.values())[1:])
-    assert eta_minutes == pytest.approx(3000.0 / first.cost * rest / 60, rel=0.05)
+    assert eta_minutes == pytest.approx((3000.0 + 600.0) / first.cost * rest / 60, rel=0.05)  # evaluation counted
 
 
 class _FakeRay:

@@ -265,8 +265,8 @@ class Worker:
         return train_cmd, eval_commands(spec, self.base(spec), self.p)
 
     def run(self, spec):
-        """Train (when needed), evaluate and archive ``spec``; ``(ok, its training seconds or None)``. The driver
-        collects it."""
+        """Train (when needed), evaluate and archive ``spec``; ``(ok, seconds)``: the run's whole cost (training
+        and evaluation, as :func:`run_seconds` counts it) when it trained here, else None. The driver collects it."""
         try:
             return self._run(spec)
         except _Stopped:  # the driver is stopping: the run resumes next time
@@ -286,7 +286,8 @@ class Worker:
         log = self.runs_dir / f"{spec.id}.log"
         if state != "done" and not _evaluate(spec, self.base(spec), log, self.progress, evals, self.threads):
             return False, seconds
-        return True, seconds
+        # the ETA's rate is per unit of RunSpec.cost, which counts the evaluation too
+        return True, None if seconds is None else run_seconds(self.progress.entry(spec.id))
 
     def _train(self, spec, state, train_cmd):
         """The run's training processes (a killed one resumed up to :data:`RETRIES` times); the run's whole
