@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from training.claims import masking_check, paired, verdict, write_claims
@@ -145,3 +146,29 @@ def test_a_drop_that_the_learned_topologies_share_is_not_read_as_randoms_collaps
     assert rows == {"natural training 99%: Random collapses, below dense (dense − Random, clean)": "held",
                     "natural training 99%: Random collapses, below BCS (BCS − Random, clean)": "not shown",
                     "natural training 99%: Random collapses, below Fixed (Fixed − Random, clean)": "not shown"}
+
+
+def test_the_sparsity_figure_plots_each_methods_seed_mean_and_the_matched_controls(tmp_path):
+    from training.tables import sparsity_figure, sparsity_series
+
+    the_plan = plan(("sparsity",), "fashion_mnist", "quick", seeds=3)
+    for seed, (fixed, bcs6, dense, dense6) in enumerate([(70.0, 71.0, 69.0, 72.0), (72.0, 74.0, 70.0, 73.0),
+                                                         (71.0, 71.0, 71.0, 74.0)]):
+        _report(tmp_path, f"at/fixed_c0.01_e3_s{seed}", {"pgd50": fixed, "clean": 80.0})
+        _report(tmp_path, f"at/bcs_c0.01_e6_s{seed}", {"pgd50": bcs6, "clean": 80.0})
+        _report(tmp_path, f"at/dense_e3_s{seed}", {"pgd50": dense, "clean": 84.0})
+        _report(tmp_path, f"at/dense_e6_s{seed}", {"pgd50": dense6, "clean": 84.0})
+    _report(tmp_path, "at/hydra_c0.1_e3_s0", {"pgd50": 75.0, "clean": 83.0})
+    results = Results(the_plan, tmp_path / "runs")
+    lines, series = sparsity_series(results, "pgd50")
+    assert lines == [("dense (3 epochs)", pytest.approx(70.0), 3), ("dense (6 epochs)", pytest.approx(73.0), 3)]
+    by_label = {label: (matched, list(conns), mean, std, seeds) for label, matched, conns, mean, std, seeds in series}
+    matched, conns, mean, std, seeds = by_label["Fixed (one-shot adversarial pruning)"]
+    at = conns.index(0.01)
+    assert not matched and mean[at] == pytest.approx(71.0) and std[at] == pytest.approx(1.0) and seeds[at] == 3
+    matched, conns, mean, std, seeds = by_label["BCS, 6 epochs (matched to Fixed)"]
+    assert matched and mean[at] == pytest.approx(72.0) and seeds[at] == 3
+    _, conns, mean, std, seeds = by_label["HYDRA"]
+    assert mean[conns.index(0.1)] == pytest.approx(75.0) and std[conns.index(0.1)] == 0.0 and np.isnan(mean[at])
+    sparsity_figure(results, tmp_path / "sparsity.png")
+    assert (tmp_path / "sparsity.png").stat().st_size > 10_000

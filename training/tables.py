@@ -207,13 +207,20 @@ def hydra_table(results):
     return "\n".join(lines)
 
 
+def _sparsity_columns(p):
+    """The sparsity table's methods as ``(label, method, matched)``: the papers' and, when the preset is matched,
+    BCS trained as long as Fixed."""
+    columns = [(SPARSITY_LABELS[m], m, False) for m in SPARSITY_METHODS]
+    if p.get("matched"):
+        columns.append((f"BCS, {2 * p['sparsity_epochs']} epochs (matched to Fixed)", "bcs", True))
+    return columns
+
+
 def sparsity_table(results):
     """Robust and clean accuracy against sparsity per method, and IWI against plain AT of the large network."""
     p = results.plan.p
     e = p["sparsity_epochs"]
-    columns = [(SPARSITY_LABELS[m], m, False) for m in SPARSITY_METHODS]
-    if p.get("matched"):
-        columns.append((f"BCS, {2 * e} epochs (matched to Fixed)", "bcs", True))
+    columns = _sparsity_columns(p)
     lines = _header(results, f"Sparsity and robustness (Wang et al.): Standard AT, {e} epochs per phase")
     lines += [f"Lottery tickets: {p['prune_rounds']} rounds of iterative global magnitude pruning, "
               f"{p['round_epochs']} epoch(s) per intermediate round; sparsity 0 is the dense network (its "
@@ -250,26 +257,47 @@ def sparsity_table(results):
     return "\n".join(lines) + "\n"
 
 
+def sparsity_series(results, attack):
+    """The sparsity figure's data for ``attack``: ``(dense lines, series)``. A dense line is ``(label, mean, seeds)``
+    (the papers' dense run and, when matched, the one trained as long as Fixed); a series is ``(label, matched,
+    connectivities, means, stds, seeds per point)`` per method (std over seeds, 0 for one seed, NaN where no run
+    has finished), BCS trained as long as Fixed among them when the preset is matched."""
+    p = results.plan.p
+    e = p["sparsity_epochs"]
+    conns = np.array([_conn_of(s) for s in SPARSITIES[1:]])
+    lines, series = [], []
+    for matched in (False, True) if p.get("matched") else (False,):
+        dense = list(results.by_seed(sparsity_group("dense", 0, e, matched), attack).values())
+        if dense:
+            lines.append((f"dense ({2 * e if matched else e} epochs)", float(np.mean(dense)), len(dense)))
+    for label, method, matched in _sparsity_columns(p):
+        stats = [list(results.by_seed(sparsity_group(method, s, e, matched), attack).values())
+                 for s in SPARSITIES[1:]]
+        series.append((label, matched, conns, np.array([np.mean(v) if v else np.nan for v in stats]),
+                       np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in stats]),
+                       [len(v) for v in stats]))
+    return lines, series
+
+
 def sparsity_figure(results, path):
     """``sparsity.png``: PGD-50 and clean accuracy against connectivity (log scale), one line per method, with
     error bars (std over seeds), the y-range fitted to the data and the legend below the axes."""
     from training.report import pyplot, save_figure
-    p = results.plan.p
-    e = p["sparsity_epochs"]
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 5.6))
-    conns = np.array([_conn_of(s) for s in SPARSITIES[1:]])
+    e = results.plan.p["sparsity_epochs"]
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 5.8))
     counts = set()  # seeds behind each point: while the job runs, points of fewer seeds have narrower (or no) bars
     for ax, attack, title in ((axes[0], "pgd50", "robust accuracy (PGD-50)"), (axes[1], "clean", "clean accuracy")):
-        dense = results.by_seed(sparsity_group("dense", 0, e), attack)
-        if dense:
-            ax.axhline(np.mean(list(dense.values())), color="k", ls="--", lw=1, label=f"dense ({e} epochs)")
-            counts.add(len(dense))
-        for method in SPARSITY_METHODS:
-            stats = [list(results.by_seed(sparsity_group(method, s, e), attack).values()) for s in SPARSITIES[1:]]
-            counts.update(len(v) for v in stats if v)
-            mean = np.array([np.mean(v) if v else np.nan for v in stats])
-            std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in stats])
-            ax.errorbar(conns, mean, yerr=std, marker="o", ms=4, capsize=3, label=SPARSITY_LABELS[method])
+        lines, series = sparsity_series(results, attack)
+        for (label, mean, seeds), style in zip(lines, ("--", ":")):
+            ax.axhline(mean, color="k", ls=style, lw=1, label=label)
+            counts.add(seeds)
+        for i, (label, matched, conns, mean, std, seeds) in enumerate(series):
+            counts.update(n for n in seeds if n)
+            # methods side by side around each connectivity (log-spaced), so their error bars do not hide each other
+            dodge = 10 ** ((i - (len(series) - 1) / 2) * 0.02)
+            ax.errorbar(conns * dodge, mean, yerr=std, marker="s" if matched else "o", ms=4, capsize=3,
+                        ls="--" if matched else "-", label=label)
+        conns = series[0][2]
         ax.set_xscale("log")
         ax.set_xticks(conns, [f"{c:g}" for c in conns])
         ax.minorticks_off()
@@ -277,7 +305,7 @@ def sparsity_figure(results, path):
         mid, half = (low + high) / 2, max((high - low) / 2, 5.0)
         ax.set_ylim(mid - half, mid + half)
         ax.invert_xaxis()  # sparser to the right
-        ax.set_xlabel("connectivity (fraction of weights kept; log scale)")
+        ax.set_xlabel("connectivity (weights kept, log scale; methods side by side)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -287,7 +315,7 @@ def sparsity_figure(results, path):
     fig.suptitle(f"{results.plan.dataset}, {results.plan.preset} preset, small_cnn, standard AT, {e} epochs per "
                  f"phase, {seeds} (mean ± std), n = {results.n_examples()} test images; y-axes do not start "
                  "at 0", fontsize=10)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))  # the legend gets the bottom strip, off the data
+    fig.tight_layout(rect=(0, 0.16, 1, 1))  # the legend gets the bottom strip, off the data
     save_figure(fig, path, layout=False)
 
 
