@@ -172,3 +172,16 @@ def test_the_sparsity_figure_plots_each_methods_seed_mean_and_the_matched_contro
     assert mean[conns.index(0.1)] == pytest.approx(75.0) and std[conns.index(0.1)] == 0.0 and np.isnan(mean[at])
     sparsity_figure(results, tmp_path / "sparsity.png")
     assert (tmp_path / "sparsity.png").stat().st_size > 10_000
+
+
+def test_the_sparsity_tables_iwi_rows_sit_under_their_own_heading(tmp_path):
+    from training.tables import sparsity_table
+
+    the_plan = plan(("sparsity",), "fashion_mnist", "quick", seeds=3)
+    _report(tmp_path, "at/iwi_x2_e3_s0", {"pgd50": 75.4, "clean": 84.8})
+    _report(tmp_path, "at/fixed_c0.01_natsrc_e3_s0", {"pgd50": 62.0, "clean": 74.2})
+    text = sparsity_table(Results(the_plan, tmp_path / "runs"))
+    sections = {part.splitlines()[0]: part for part in text.split("\n## ")[1:]}
+    assert "IWI from the small network" in sections["Inverse weights inheritance"]
+    assert "natural pruning" in sections["Adversarial vs natural pruning"]
+    assert "IWI" not in sections["Adversarial vs natural pruning"]

@@ -235,6 +235,15 @@ def sparsity_table(results):
         lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
     lines += ["", "## Inverse weights inheritance", "",
               "| network | epochs in all | clean | PGD-50 |", "|---|---|---|---|"]
+    rows = [("small_cnn, BCS at 90% sparsity (the small network)", f"at/bcs_c0.1_e{e}"),
+            ("small_cnn_x2, plain AT (dense)", f"at/dense_x2_e{e}"),
+            ("small_cnn_x2, IWI from the small network (dense)", f"at/iwi_x2_e{e}")]
+    if p.get("matched"):
+        rows.append(("small_cnn_x2, plain AT as long as IWI in all", f"at/dense_x2_e{2 * e}"))
+    for label, group in rows:
+        if group in results.groups:
+            lines.append(f"| {label} | {results.epochs(group)} | {results.cell(group, 'clean')} | "
+                         f"{results.cell(group, 'pgd50')} |")
     natural = [(f"Fixed {pct}, AT from the AT dense run (adversarial pruning)", f"at/fixed_c{c}_e{e}")
                for c, pct in (("0.1", "90%"), ("0.01", "99%"))]
     natural += [(f"Fixed {pct}, AT from the naturally trained dense run (natural pruning)",
@@ -245,15 +254,6 @@ def sparsity_table(results):
         for label, group in natural:
             lines.append(f"| {label} | {results.epochs(group)} | {results.cell(group, 'clean')} | "
                          f"{results.cell(group, 'pgd50')} | {results.cell(group, 'autoattack')} |")
-    rows = [("small_cnn, BCS at 90% sparsity (the small network)", f"at/bcs_c0.1_e{e}"),
-            ("small_cnn_x2, plain AT (dense)", f"at/dense_x2_e{e}"),
-            ("small_cnn_x2, IWI from the small network (dense)", f"at/iwi_x2_e{e}")]
-    if p.get("matched"):
-        rows.append(("small_cnn_x2, plain AT as long as IWI in all", f"at/dense_x2_e{2 * e}"))
-    for label, group in rows:
-        if group in results.groups:
-            lines.append(f"| {label} | {results.epochs(group)} | {results.cell(group, 'clean')} | "
-                         f"{results.cell(group, 'pgd50')} |")
     return "\n".join(lines) + "\n"
 
 
