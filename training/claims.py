@@ -168,12 +168,12 @@ def sparsity_claims(results):
                       protocol=f"matched (dense {2 * e} epochs)", attacks=("pgd50", "autoattack")),
                 Claim("BCS", f"{pct}: BCS > Fixed", g("bcs", s, True), g("fixed", s),
                       protocol=f"matched ({2 * e} epochs)", attacks=("pgd50", "autoattack")),
-                # HYDRA's score epoch and the ticket's intermediate rounds stay on top of Fixed's budget.
-                *[Claim("BCS", f"{pct}: BCS > {name}", g("bcs", s, True), g(method, s),
-                        protocol=f"matched ({2 * e} epochs; {name} {_epochs(results, g(method, s))})",
-                        attacks=("pgd50", "autoattack")) for name, method in (("HYDRA", "hydra"),
-                                                                             ("lottery ticket", "lottery"))],
             ]
+            # HYDRA's score epoch and the ticket's intermediate rounds stay on top of Fixed's budget.
+            claims += [Claim("BCS", f"{pct}: BCS > {name}", g("bcs", s, True), g(method, s),
+                             protocol=f"matched ({2 * e} epochs; {name} {results.epochs(g(method, s))})",
+                             attacks=("pgd50", "autoattack"))
+                       for name, method in (("HYDRA", "hydra"), ("lottery ticket", "lottery"))]
     for c, pct in (("0.1", "90%"), ("0.01", "99%")):
         claims.append(Claim("Wang", f"{pct}: adversarial pruning > natural pruning (mask and weights from an AT vs a "
                             "naturally trained dense network, both then AT)", f"at/fixed_c{c}_e{e}",
@@ -185,11 +185,6 @@ def sparsity_claims(results):
                             f"at/dense_x2_e{2 * e}", protocol=f"matched (plain AT {2 * e} epochs)",
                             attacks=("clean", "pgd50")))
     return claims
-
-
-def _epochs(results, group):
-    """A group's epochs in all, or "?" while the plan has no run of it."""
-    return results.epochs(group) if group in results.groups else "?"
 
 
 def _fmt(value):
