@@ -4,7 +4,8 @@ Fashion-MNIST is read offline from the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist/``), else from the Keras cache (``~/.keras/datasets/fashion-mnist``),
 else through TFDS; a clear :class:`DataError` lists those places when none has it. An explicit ``--data-dir``
 is the only place looked (its IDX files, else TFDS with it as data_dir): a wrong path is an error, never a
-silent fall-back to another copy. CIFAR-10/100 and SVHN come through TFDS (``--data-dir`` is its data_dir).
+silent fall-back to another copy, and a directory that does not exist is refused before TFDS would create it and
+try to download into it (offline, a typo would otherwise cost minutes of TFDS's retries). CIFAR-10/100 and SVHN come through TFDS (``--data-dir`` is its data_dir).
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ def load_tfds(name, data_dir=None):
 
 def load_dataset(name, val_split=5000, seed=0, data_dir=None, synthetic_size=(1024, 256)):
     """Load dataset ``name`` (see :data:`DATASETS`) with a held-out validation split."""
+    if data_dir and name != "synthetic" and not pathlib.Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} is not a directory (create it first to let TFDS download "
+                        f"{name} there)")
     if name == "fashion_mnist":
         (x_tr, y_tr), (x_te, y_te), source = load_fashion_mnist(data_dir)
         num_classes = 10

@@ -53,6 +53,7 @@ def test_an_explicit_data_dir_is_the_only_place_looked(tmp_path, monkeypatch):
         raise DataError("TFDS could not provide fashion_mnist: offline")
 
     monkeypatch.setattr(data, "_fashion_mnist_from_tfds", no_tfds)
+    (tmp_path / "typo").mkdir()
     with pytest.raises(DataError) as err:
         data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "typo"))
     assert f"in: {tmp_path / 'typo'};" in str(err.value)  # that place alone
@@ -74,6 +75,39 @@ def test_bad_val_split_and_unknown_dataset():
         data.load_dataset("mnist3d")
 
 
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
+def test_a_data_dir_that_does_not_exist_is_refused_before_tfds(tmp_path, monkeypatch, name):
+    import tensorflow_datasets as tfds
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("TFDS was asked")
+
+    monkeypatch.setattr(tfds, "load", must_not_run)
+    with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'typo'} is not a directory"):
+        data.load_dataset(name, data_dir=str(tmp_path / "typo"))
+    assert not (tmp_path / "typo").exists()  # nothing created
+
+
+def test_tfds_prepares_a_dataset_offline(tmp_path, monkeypatch):
+    # TFDS's real download_and_prepare path (mock_data skips it); it broke once on a dependency TFDS imports
+    # without declaring it (importlib_resources)
+    from tiny_tfds import tiny_images
+
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{s}": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for s, n in (("train", 12), ("test", 6))}
+    arrays.update(y_train=np.arange(12) % 3, y_test=np.arange(6) % 3)
+    np.savez(tmp_path / "source.npz", **arrays)
+    monkeypatch.setattr(tiny_images, "SOURCE", str(tmp_path / "source.npz"))
+    (tmp_path / "tfds").mkdir()
+    (x_tr, y_tr), (x_te, y_te), num_classes = data.load_tfds("bcs_tiny_images", data_dir=str(tmp_path / "tfds"))
+    assert num_classes == 3
+    order = np.argsort([x.tobytes() for x in x_tr])  # TFDS shuffles the records it writes
+    expected = np.argsort([x.tobytes() for x in arrays["x_train"]])
+    np.testing.assert_array_equal(x_tr[order], arrays["x_train"][expected])
+    np.testing.assert_array_equal(y_tr[order], arrays["y_train"][expected])
+    assert x_te.shape == (6, 8, 8, 3) and sorted(y_te.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
 @pytest.fixture
 def mock_tfds():
     import tensorflow_datasets as tfds
@@ -90,7 +124,7 @@ def test_tfds_datasets_load_through_tfds(mock_tfds, name, classes):
     assert ds.x_train.dtype == np.float32 and 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
 
 
-def test_tfds_failure_is_a_clear_data_error(monkeypatch):
+def test_tfds_failure_is_a_clear_data_error(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     def offline(*args, **kwargs):
@@ -98,7 +132,7 @@ def test_tfds_failure_is_a_clear_data_error(monkeypatch):
 
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(DataError, match="cifar10.*--data-dir"):
-        data.load_dataset("cifar10", data_dir="/nowhere")
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
 
 
 def test_augmentation_shifts_and_flips_within_range_and_is_keyed():
