@@ -11,6 +11,7 @@ import dataclasses
 import json
 import pathlib
 import typing
+import zipfile
 
 from bcs_run.cli import FlagError
 from bcs_run.rundir import RunDir
@@ -357,6 +358,9 @@ def load_finished_run(run_dir):
         cfg = RunConfig.from_dict(json.loads(RunDir(run_dir).config.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot read {RunDir(run_dir).config}: {exc}") from None
+    if not zipfile.is_zipfile(path):  # Keras reports a truncated archive as "File not found"
+        raise CheckpointError(f"corrupt model {path}: not a complete .keras (zip) archive "
+                              f"({path.stat().st_size} bytes; a truncated copy?)")
     try:
         model = keras.models.load_model(path)
     except Exception as exc:  # Keras raises many kinds for a damaged archive

@@ -112,6 +112,11 @@ def test_cli_writes_json_and_table_and_protects_existing_results(tmp_path, capsy
     (run / "checkpoint").rename(tmp_path / "away")
     assert eval_main([str(run), "--weights", "last", "--overwrite", "--verbose", "0"]) == 2
     assert "no training checkpoint" in capsys.readouterr().err
+    model = (run / "model.keras").read_bytes()
+    (run / "model.keras").write_bytes(model[:len(model) // 2])  # a truncated copy: Keras says "File not found"
+    assert eval_main(flags + ["--name", "eval_cut"]) == 2
+    assert f"corrupt model {run / 'model.keras'}" in capsys.readouterr().err
+    assert not (run / "eval_cut.json").exists()
 
 
 def test_the_network_of_a_checkpoint_loads_into_the_saved_model(tmp_path):
