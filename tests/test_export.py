@@ -140,3 +140,29 @@ def test_predict_cli_classifies_with_litert(run_dir, capsys, tmp_path):
         assert _export(run_dir, "--format", "tflite") == 0
     assert predict_main([str(model), "--image", str(image)]) == 0
     assert "p=" in capsys.readouterr().out
+    # bad input: one line that names it, never LiteRT's or PIL's stack trace
+    np.save(image, np.zeros((32, 32, 3)))
+    (tmp_path / "x.png").write_text("not a picture")
+    for argv, problem in [([str(model), "--image", str(image)], "shape (32, 32, 3); the model takes 28x28x1"),
+                          ([str(model), "--image", str(tmp_path / "x.png")], "cannot read"),
+                          ([str(tmp_path / "x.png")], "is not a TFLite model")]:
+        assert predict_main(argv) == 2
+        assert problem in capsys.readouterr().err
+
+
+def test_predict_follows_the_models_input_shape(tmp_path, capsys):
+    import matplotlib.image
+    import tensorflow as tf
+
+    from export.predict import main as predict_main
+
+    inputs = keras.Input((8, 8, 3))
+    net = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+    model = tmp_path / "rgb.tflite"
+    model.write_bytes(tf.lite.TFLiteConverter.from_keras_model(net).convert())
+    capsys.readouterr()  # the converter's own output
+    matplotlib.image.imsave(tmp_path / "x.png", np.random.default_rng(0).uniform(size=(8, 8)), cmap="gray")  # RGBA
+    assert predict_main([str(model), "--image", str(tmp_path / "x.png"), "--verbose", "0"]) == 0
+    assert capsys.readouterr().out.startswith("class ")  # not a Fashion-MNIST name: 4 classes, colour input
+    assert predict_main([str(model), "--index", "3", "--verbose", "0"]) == 2
+    assert "takes 8x8x3 images: pass --image" in capsys.readouterr().err
