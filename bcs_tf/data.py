@@ -15,6 +15,7 @@ import gzip
 import math
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -190,14 +191,26 @@ def labelled_split(x, y, fraction):
     return (x[:n], y[:n]), (x[n:], y[n:])
 
 
+def read_npz(path, names, what):
+    """Arrays ``names`` of the ``.npz`` file ``path``; DataError naming ``what`` (e.g. "extra data") when it is
+    not an .npz holding them."""
+    need = f"need an .npz with arrays {', '.join(names)}"
+    try:
+        if not pathlib.Path(path).is_file():
+            raise ValueError("no such file")
+        if not zipfile.is_zipfile(path):  # else numpy returns a lone .npy's array or tries the file as a pickle
+            raise ValueError("not an .npz (zip) file")
+        with np.load(path) as f:
+            return [f[name] for name in names]
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise DataError(f"cannot read {what} {path} ({need}): {exc}") from None
+
+
 def load_extra_data(path, input_shape=None, num_classes=None):
     """Pseudo-labelled extra data ``(x, y)`` from an ``.npz`` with arrays ``x`` (NHWC in [0, 1]) and ``y``,
     checked against the dataset's ``input_shape`` and ``num_classes`` when given."""
-    try:
-        with np.load(path) as f:
-            x, y = f["x"].astype(np.float32), f["y"].astype(np.int32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"cannot read extra data {path} (need an .npz with arrays x and y): {exc}") from None
+    x, y = read_npz(path, ("x", "y"), "extra data")
+    x, y = x.astype(np.float32), y.astype(np.int32)
     if len(x) != len(y) or x.ndim != 4 or not len(x):
         raise DataError(f"extra data {path}: x must be (N, H, W, C) and y (N,); got {x.shape} and {y.shape}")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):

@@ -204,6 +204,11 @@ def test_rst_pseudolabel_round_trip(tmp_path, capsys):
     with np.load(pool) as f:
         assert len(f["x"]) == len(f["y"]) == len(f["y_true"]) == 896 - 224
     assert "pseudo-label accuracy" in capsys.readouterr().out
+    with np.load(pool) as f:
+        np.save(tmp_path / "images.npy", f["x"])
+    assert pseudolabel_main([str(teacher), "--pool", str(tmp_path / "images.npy"), "--out",
+                             str(tmp_path / "p2.npz")]) == 2  # an external pool must be an .npz with x
+    assert "--pool file" in capsys.readouterr().err and not (tmp_path / "p2.npz").exists()
     student = tmp_path / "student"
     assert main(FAST + ["--epochs", "1", "--objective", "rst", "--labelled-fraction", "0.25", "--extra-data",
                         str(pool), "--extra-fraction", "0.5", "--batch-size", "32", "--out", str(student)]) == 0

@@ -200,6 +200,16 @@ def test_extra_data_of_the_wrong_shape_or_labels_is_refused_before_anything_is_w
     assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("name,message", [("pool.npy", "not an .npz (zip) file"), ("none.npz", "no such file")])
+def test_extra_data_that_is_no_npz_is_one_line_error(tmp_path, capsys, name, message):
+    np.save(tmp_path / "pool.npy", np.zeros((5, 28, 28, 1), np.float32))  # np.load gives a bare array for it
+    out = tmp_path / "run"
+    assert main(FAST + ["--objective", "rst", "--extra-data", str(tmp_path / name), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read extra data") and message in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_evaluate_and_export_refuse_foreign_models_and_too_many_examples(tmp_path, capsys):
     from export.__main__ import main as export_main
     from training.evaluate import main as evaluate_main

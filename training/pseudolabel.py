@@ -47,18 +47,15 @@ def main(argv=None):
     cli.import_tensorflow(args.verbose)
     import numpy as np
 
-    from bcs_tf.data import labelled_split, load_dataset
+    from bcs_tf.data import labelled_split, load_dataset, read_npz
     from bcs_tf.errors import DataError
     from bcs_run.config import load_finished_run
 
     cfg, model = load_finished_run(args.run_dir)
     extra = {}
     if args.pool:
-        try:
-            with np.load(args.pool) as f:
-                x = f["x"].astype(np.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"--pool: cannot read array x from {args.pool}: {exc}") from None
+        (x,) = read_npz(args.pool, ("x",), "the --pool file")
+        x = x.astype(np.float32)
     else:
         fraction = cfg.labelled_fraction if args.labelled_fraction is None else args.labelled_fraction
         data = load_dataset(cfg.dataset, val_split=cfg.val_split, seed=cfg.seed, data_dir=cfg.data_dir)
