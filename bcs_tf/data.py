@@ -5,7 +5,8 @@ Fashion-MNIST is read offline from the Debian package ``dataset-fashion-mnist``
 else through TFDS; a clear :class:`DataError` lists those places when none has it. An explicit ``--data-dir``
 is the only place looked (its IDX files, else TFDS with it as data_dir): a wrong path is an error, never a
 silent fall-back to another copy, and a directory that does not exist is refused before TFDS would create it and
-try to download into it (offline, a typo would otherwise cost minutes of TFDS's retries). CIFAR-10/100 and SVHN come through TFDS (``--data-dir`` is its data_dir).
+try to download into it (offline, a typo would otherwise cost minutes of TFDS's retries). CIFAR-10/100 and SVHN
+come through TFDS (``--data-dir`` is its data_dir).
 """
 
 from __future__ import annotations
