@@ -22,20 +22,20 @@ def read_image(path, shape):
     """The image file ``path`` (.npy, or a picture Matplotlib reads such as .png) as a float (1, H, W, C) batch in
     [0, 1] for a model whose input is ``shape`` = (H, W, C); FlagError naming the file when it does not fit."""
     height, width, channels = shape
+    picture = not path.endswith(".npy")
     try:
-        if path.endswith(".npy"):
-            image = np.load(path).astype(np.float32)
-            found = image.shape
-        else:
+        if picture:
             import matplotlib.image
 
             image = matplotlib.image.imread(path).astype(np.float32)
-            found = image.shape
-            if image.ndim == 3:  # drop alpha; grey from colour by the mean, colour from grey by repetition
-                image = image[..., :3]
-                image = image.mean(axis=-1, keepdims=True) if channels == 1 else image
+        else:
+            image = np.load(path).astype(np.float32)
     except (OSError, ValueError, SyntaxError) as exc:  # PIL says SyntaxError for a file that is not a picture
         raise cli.FlagError(f"--image: cannot read {path}: {exc}") from None
+    found = image.shape
+    if picture and image.ndim == 3:  # drop alpha; grey from colour by the mean, colour from grey by repetition
+        image = image[..., :3]
+        image = image.mean(axis=-1, keepdims=True) if channels == 1 else image
     image = image[..., None] if image.ndim == 2 else image
     image = np.repeat(image, channels, axis=-1) if image.shape[-1] == 1 and channels > 1 else image
     if image.shape[-3:] != (height, width, channels) or image.size != height * width * channels:
